@@ -79,7 +79,7 @@ class EgressRule(_Strict):
 
     name: str
     host: str
-    ports: list[int] = [80]
+    ports: list[int] = msgspec.field(default_factory=lambda: [80])
     endpoints: list[str] = []
 
 
