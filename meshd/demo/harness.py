@@ -1,0 +1,172 @@
+"""Start meshd, apps and sidecars as real processes on loopback; used by the demo and the tests.
+
+``MeshHarness(workdir)`` hands out free loopback ports, writes sidecar bootstrap files, starts
+``meshd serve``, the demo apps and ``mesh-sidecar run`` with ``sys.executable -m`` (no PATH
+assumptions), waits for readiness by polling HTTP endpoints with deadlines, and stops every
+process it started on ``close()`` (SIGTERM, then SIGKILL after ``STOP_GRACE`` seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+STOP_GRACE = 3.0      # seconds between SIGTERM and SIGKILL
+READY_TIMEOUT = 20.0  # seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, period: float = 0.05) -> float:
+    """Poll ``check`` until true; returns seconds waited; raises TimeoutError naming ``what``."""
+    start = time.monotonic()
+    while True:
+        try:
+            if check():
+                return time.monotonic() - start
+        except (httpx.HTTPError, OSError, KeyError, ValueError):
+            pass
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(period)
+
+
+@dataclass
+class Sidecar:
+    name: str
+    service: str
+    app_port: int
+    inbound: int
+    outbound: int
+    admin: int
+    config: Path
+    labels: dict[str, str] = field(default_factory=dict)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+class MeshHarness:
+    def __init__(self, workdir: Path, ttl: float = 3.0, drain: float = 0.5) -> None:
+        self.workdir = workdir
+        self.ttl = ttl
+        self.drain = drain
+        self.meshd_port = free_port()
+        self.meshd_addr = f"http://127.0.0.1:{self.meshd_port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.sidecars: dict[str, Sidecar] = {}
+        self.meshd: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(timeout=10.0)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
+               ) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=log,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def start_meshd(self) -> None:
+        self.meshd = self._spawn("meshd", ["meshd.cli.main", "serve", "--listen",
+                                           f"127.0.0.1:{self.meshd_port}", "--data-dir",
+                                           str(self.workdir / "meshd-data"), "--log-level", "warning"])
+        wait_until(lambda: self.http.get(f"{self.meshd_addr}/healthz").status_code == 200,
+                   READY_TIMEOUT, "meshd /healthz")
+
+    def stop_meshd(self, sig: int = signal.SIGKILL) -> None:
+        assert self.meshd is not None
+        self.meshd.send_signal(sig)
+        self.meshd.wait(timeout=10)
+
+    def start_app(self, name: str, app: str, port: int, env: dict[str, str] | None = None,
+                  **opts: str) -> subprocess.Popen[bytes]:
+        extra = [a for k, v in opts.items() for a in (f"--{k}", v)]
+        return self._spawn(name, ["meshd.demo.apps", app, "--port", str(port), *extra], env)
+
+    def add_service(self, name: str, service: str, app: str | None = None,
+                    labels: dict[str, str] | None = None) -> Sidecar:
+        """Start ``app`` (demo app name, or none) and its sidecar; returns the Sidecar record."""
+        sc = Sidecar(name, service, free_port(), free_port(), free_port(), free_port(),
+                     self.workdir / f"{name}.toml", dict(labels or {}))
+        sc.config.write_text(self._bootstrap(sc))
+        proxy_env = {"HTTP_PROXY": f"http://127.0.0.1:{sc.outbound}", "NO_PROXY": ""}
+        if app is not None:
+            version = sc.labels.get("version", "v1")
+            sc.procs.append(self.start_app(f"{name}-app", app, sc.app_port, proxy_env,
+                                           version=version, instance=name))
+        sc.procs.append(self._spawn(name, ["sidecar.main", "run", "--config", str(sc.config),
+                                           "--log-level", "warning"]))
+        self.sidecars[name] = sc
+        return sc
+
+    def _bootstrap(self, sc: Sidecar) -> str:
+        labels = ", ".join(f'{k} = "{v}"' for k, v in sc.labels.items())
+        return (f'service = "{sc.service}"\ninstance_id = "{sc.name}"\n'
+                f"labels = {{ {labels} }}\napp_port = {sc.app_port}\n"
+                f"inbound_port = {sc.inbound}\noutbound_port = {sc.outbound}\n"
+                f'admin_port = {sc.admin}\nmeshd_addr = "{self.meshd_addr}"\n'
+                f'data_dir = "{self.workdir / sc.name}"\nttl = {self.ttl}\n'
+                f"drain_seconds = {self.drain}\n")
+
+    def restart_sidecar(self, name: str) -> None:
+        sc = self.sidecars[name]
+        proc = sc.procs.pop()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        sc.procs.append(self._spawn(name, ["sidecar.main", "run", "--config", str(sc.config),
+                                           "--log-level", "warning"]))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL an instance's app and sidecar (no deregistration: the TTL must expire it)."""
+        for proc in self.sidecars[name].procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def admin_json(self, name: str, path: str) -> dict[str, object]:
+        resp = self.http.get(f"http://127.0.0.1:{self.sidecars[name].admin}{path}")
+        return dict(resp.json())
+
+    def wait_ready(self, names: list[str] | None = None, timeout: float = READY_TIMEOUT) -> None:
+        for name in names or list(self.sidecars):
+            port = self.sidecars[name].admin
+            wait_until(lambda p=port: self.http.get(f"http://127.0.0.1:{p}/ready").status_code
+                       == 200, timeout, f"sidecar {name} /ready")
+
+    def api(self, method: str, path: str, **kw: object) -> httpx.Response:
+        return self.http.request(method, f"{self.meshd_addr}{path}", **kw)  # type: ignore[arg-type]
+
+    def proxy_status(self) -> list[dict[str, object]]:
+        return list(self.api("GET", "/v1/proxy-status").json()["proxies"])
+
+    def synced(self, names: list[str] | None = None) -> bool:
+        wanted = set(names or self.sidecars)
+        rows = [r for r in self.proxy_status() if r["node"] in wanted]
+        return len(rows) == len(wanted) and all(r["state"] == "SYNCED" for r in rows)
+
+    def wait_synced(self, names: list[str] | None = None, timeout: float = READY_TIMEOUT) -> float:
+        return wait_until(lambda: self.synced(names), timeout, "all sidecars SYNCED")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.http.close()

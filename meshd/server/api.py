@@ -1,0 +1,190 @@
+"""meshd's HTTP/JSON API (Starlette on hypercorn's trio worker).
+
+Routes (all JSON; errors are ``{"error": str, "errors": [{file, line, field, reason}]}``):
+
+=========  ========================================  ============================================
+GET        /healthz                                  liveness, no auth
+POST       /v1/registry/instances                    register ``Instance`` JSON -> 200
+PUT        /v1/registry/instances/{id}/heartbeat     renew lease; 404 = unknown, re-register
+DELETE     /v1/registry/instances/{id}               deregister; 404 if unknown
+GET        /v1/registry/services                     ``{"services": [{name, instances: [...]}]}``
+POST       /v1/rules?file=NAME&dry_run=1             body: TOML text; 200 changes / 400 errors
+GET        /v1/rules                                 ``{"rules": RulesFile, "sources": {...}}``
+GET        /v1/rules/{kind}/{name}                   one rule; 404
+DELETE     /v1/rules/{kind}/{name}                   404 unknown, 400 still referenced
+GET        /v1/rules/history                         recent pushes/deletes
+GET        /v1/snapshot/{node}?version=&wait=&...    long-poll: 200 snapshot, 304 unchanged
+POST       /v1/snapshot/{node}/ack                   ``{"version": str, "error": str|null}``
+GET        /v1/proxy-status                          intended vs applied version per sidecar
+=========  ========================================  ============================================
+
+Auth: when meshd runs with a join token, every /v1 call needs ``Authorization: Bearer <token>``
+(401 otherwise), as Consul's ``X-Consul-Token`` guards its agent API.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from meshd.errors import ConfigError, RuleValidationError
+from meshd.rules.schema import KINDS
+from meshd.server.control import ControlPlane
+from meshd.snapshot.compile import NodeInfo
+from registry.model import Instance
+
+MAX_LONG_POLL = 300.0  # seconds; Consul blocking queries cap wait at 10 min, default 5 min
+MAX_RULES_BYTES = 1024 * 1024
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(data), status_code=status, media_type="application/json")
+
+
+def _error(msg: str, status: int, errors: list[ConfigError] | None = None) -> Response:
+    return _json({"error": msg, "errors": [e.to_dict() for e in errors or []]}, status)
+
+
+def _int(q: dict[str, str] | object, key: str) -> int:
+    try:
+        return int(q.get(key, 0))  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return 0
+
+
+def build_app(cp: ControlPlane, token: str = "") -> Starlette:
+    """The ASGI app bound to one ``ControlPlane``; ``token`` empty = no auth."""
+
+    def authorized(request: Request) -> bool:
+        if not token:
+            return True
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    async def healthz(request: Request) -> Response:
+        return _json({"status": "ok", "version": str(cp.version)})
+
+    async def register(request: Request) -> Response:
+        try:
+            inst = msgspec.json.decode(await request.body(), type=Instance)
+            cp.register(inst)
+        except msgspec.ValidationError as exc:
+            return _error(f"bad instance: {exc}", 400)
+        except ConfigError as exc:
+            return _error(str(exc), 400)
+        return _json({"instance_id": inst.instance_id, "version": str(cp.version)})
+
+    async def heartbeat(request: Request) -> Response:
+        ok = cp.heartbeat(request.path_params["iid"])
+        return _json({"ok": ok}, 200 if ok else 404)
+
+    async def deregister(request: Request) -> Response:
+        ok = cp.deregister(request.path_params["iid"])
+        return _json({"ok": ok}, 200 if ok else 404)
+
+    async def services(request: Request) -> Response:
+        now = cp.clock()
+        by_name: dict[str, list[dict[str, object]]] = {}
+        for inst in cp.instances():
+            row = msgspec.to_builtins(inst)
+            row["healthy"] = True
+            row["expires_in"] = round(cp.registry.expires_in(inst.instance_id, now) or 0.0, 2)
+            by_name.setdefault(inst.service, []).append(row)
+        return _json({"services": [{"name": k, "instances": v} for k, v in sorted(by_name.items())]})
+
+    async def push_rules(request: Request) -> Response:
+        body = await request.body()
+        file = request.query_params.get("file", "<input>")
+        if len(body) > MAX_RULES_BYTES:
+            return _error(f"{file}: rules file larger than {MAX_RULES_BYTES} bytes", 413)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(f"{file}: not UTF-8 text", 400)
+        try:
+            result = cp.push_rules(text, file, request.query_params.get("dry_run") == "1")
+        except RuleValidationError as exc:
+            return _error("rules rejected", 400, exc.errors)
+        except ConfigError as exc:
+            return _error("rules rejected", 400, [exc])
+        return _json(result)
+
+    async def list_rules(request: Request) -> Response:
+        return _json({"rules": cp.rules, "sources": cp.sources, "version": str(cp.version)})
+
+    def _find(kind: str, name: str) -> object | None:
+        if kind not in KINDS:
+            return None
+        return next((r for r in getattr(cp.rules, kind) if r.name == name), None)
+
+    async def get_rule(request: Request) -> Response:
+        rule = _find(request.path_params["kind"], request.path_params["name"])
+        return _json(rule) if rule is not None else _error("no such rule", 404)
+
+    async def delete_rule(request: Request) -> Response:
+        kind, name = request.path_params["kind"], request.path_params["name"]
+        if _find(kind, name) is None:
+            return _error(f"no {kind} rule named {name!r}", 404)
+        try:
+            return _json(cp.delete_rule(kind, name))
+        except RuleValidationError as exc:
+            return _error("delete rejected", 400, exc.errors)
+
+    async def history(request: Request) -> Response:
+        return _json({"history": cp.store.history()})
+
+    async def snapshot(request: Request) -> Response:
+        q = request.query_params
+        node = request.path_params["node"]
+        info = NodeInfo(node=node, service=q.get("service", ""),
+                        inbound_port=_int(q, "inbound_port"), outbound_port=_int(q, "outbound_port"),
+                        admin_port=_int(q, "admin_port"), app_port=_int(q, "app_port"))
+        cp.subscribe(info)
+        try:
+            wait = min(float(q.get("wait", "0")), MAX_LONG_POLL)
+        except ValueError:
+            wait = 0.0
+        entry = await cp.cache.wait_for(node, q.get("version", ""), wait)
+        if entry is None:
+            return Response(status_code=304)
+        return Response(entry.body, media_type="application/json")
+
+    async def ack(request: Request) -> Response:
+        try:
+            doc = msgspec.json.decode(await request.body(), type=dict[str, str | None])
+        except msgspec.DecodeError as exc:
+            return _error(f"bad ack: {exc}", 400)
+        ok = cp.cache.ack(request.path_params["node"], doc.get("version") or "", doc.get("error"))
+        return _json({"ok": ok}, 200 if ok else 404)
+
+    async def proxy_status(request: Request) -> Response:
+        return _json({"version": str(cp.version), "proxies": cp.cache.status()})
+
+    def guard(handler):  # type: ignore[no-untyped-def]
+        async def wrapped(request: Request) -> Response:
+            if not authorized(request):
+                return _error("missing or wrong join token", 401)
+            return await handler(request)
+        return wrapped
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/v1/registry/instances", guard(register), methods=["POST"]),
+        Route("/v1/registry/instances/{iid}/heartbeat", guard(heartbeat), methods=["PUT"]),
+        Route("/v1/registry/instances/{iid}", guard(deregister), methods=["DELETE"]),
+        Route("/v1/registry/services", guard(services)),
+        Route("/v1/rules", guard(push_rules), methods=["POST"]),
+        Route("/v1/rules", guard(list_rules), methods=["GET"]),
+        Route("/v1/rules/history", guard(history)),
+        Route("/v1/rules/{kind}/{name}", guard(get_rule), methods=["GET"]),
+        Route("/v1/rules/{kind}/{name}", guard(delete_rule), methods=["DELETE"]),
+        Route("/v1/snapshot/{node}", guard(snapshot)),
+        Route("/v1/snapshot/{node}/ack", guard(ack), methods=["POST"]),
+        Route("/v1/proxy-status", guard(proxy_status)),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,155 @@
+"""The control plane's brain: rules + registry -> versioned snapshots (Pilot's discovery core).
+
+``ControlPlane`` owns the live rule set, the built-in registry and the snapshot cache. Every
+change (rule push/delete, instance registered/expired/deregistered, a new node subscribing)
+calls ``rebuild()``: compile once, check consistency, and publish to each node whose content
+changed, under version ``(epoch, counter)``. The epoch is taken from the store at start, so a
+restarted meshd never re-issues a version number.
+
+A rule push is validated whole (schema, semantics, references, then a trial compile checked
+for consistency) before anything is stored: a rejected push changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from meshd.errors import ConfigError, RuleValidationError
+from meshd.rules import validate as rv
+from meshd.rules.schema import RulesFile
+from meshd.server.cache import SnapshotCache
+from meshd.snapshot.compile import MeshConfig, NodeInfo, compile_mesh, for_node, listeners
+from meshd.snapshot.consistency import consistency_errors
+from meshd.snapshot.model import Version
+from meshd.store.base import Store, source_key
+from registry.builtin import BuiltinRegistry
+from registry.model import Instance
+
+log = logging.getLogger("meshd.control")
+
+
+class ControlPlane:
+    def __init__(self, store: Store, clock: Callable[[], float] = trio.current_time) -> None:
+        self.store = store
+        self.clock = clock
+        self.epoch = store.next_epoch()
+        self.counter = 0
+        stored = store.load_rules()
+        self.rules: RulesFile = stored.rules
+        self.sources: dict[str, str] = dict(stored.sources)
+        self.registry = BuiltinRegistry()
+        self.cache = SnapshotCache()
+        self._mesh: MeshConfig | None = None
+        self._restored = store.load_instances()
+
+    def start(self) -> None:
+        """Call inside trio.run: restores instances with a fresh lease and builds version 1."""
+        self.registry.restore(self._restored, self.clock())
+        self.rebuild()
+
+    @property
+    def version(self) -> Version:
+        return Version(self.epoch, self.counter)
+
+    def instances(self) -> list[Instance]:
+        return self.registry.instances()
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def rebuild(self) -> int:
+        """Recompile and publish changed snapshots; returns how many nodes got a new version."""
+        mesh = compile_mesh(self.rules, self.instances())
+        self.counter += 1
+        self._mesh = mesh
+        return sum(self._publish(info) for info in self.cache.nodes())
+
+    def _publish(self, info: NodeInfo) -> bool:
+        assert self._mesh is not None
+        snap = for_node(self._mesh, info, self.version)
+        problems = consistency_errors(snap)
+        if problems:
+            log.error("snapshot for %s withheld, inconsistent: %s", info.node, "; ".join(problems))
+            return False
+        return self.cache.set_snapshot(snap)
+
+    def subscribe(self, info: NodeInfo) -> None:
+        """Register/refresh a node and make sure it has a snapshot for its current listeners."""
+        self.cache.touch(info)
+        entry = self.cache.get(info.node)
+        if entry is None or entry.snapshot.listeners != listeners(info):
+            self._publish(info)
+
+    # -- rules -----------------------------------------------------------------------------
+
+    def _check_compiles(self, merged: RulesFile, file: str) -> None:
+        probe = for_node(compile_mesh(merged, self.instances()), NodeInfo(node="probe"),
+                         self.version)
+        problems = consistency_errors(probe)
+        if problems:
+            raise RuleValidationError([ConfigError(p, file=file) for p in problems])
+
+    def push_rules(self, text: str, file: str, dry_run: bool = False) -> dict[str, object]:
+        """Validate and apply a rules file; raises RuleValidationError (nothing changed)."""
+        pushed, merged = rv.validate_push(text, file, self.rules, self.sources)
+        self._check_compiles(merged, file)
+        changes = [c for c in rv.diff(self.rules, merged)]
+        result: dict[str, object] = {"changes": [list(c) for c in changes], "dry_run": dry_run}
+        if dry_run or not changes:
+            result["version"] = str(self.version)
+            return result
+        sources = dict(self.sources)
+        for kind in ("route", "destination", "egress"):
+            for rule in getattr(pushed, kind):
+                sources[source_key(kind, rule.name)] = file
+        result["revision"] = self.store.save_rules(merged, sources, "push", file, changes)
+        self.rules, self.sources = merged, sources
+        self.rebuild()
+        result["version"] = str(self.version)
+        return result
+
+    def delete_rule(self, kind: str, name: str) -> dict[str, object]:
+        """Remove one rule; raises KeyError if absent, RuleValidationError if still referenced."""
+        merged = rv.remove(self.rules, kind, name)
+        errors = rv.check_references(merged, existing_sources=self._source_tuples())
+        if errors:
+            raise RuleValidationError(errors)
+        self._check_compiles(merged, "<delete>")
+        sources = {k: v for k, v in self.sources.items() if k != source_key(kind, name)}
+        revision = self.store.save_rules(merged, sources, "delete", "<cli>",
+                                         [("delete", kind, name)])
+        self.rules, self.sources = merged, sources
+        self.rebuild()
+        return {"revision": revision, "version": str(self.version)}
+
+    def _source_tuples(self) -> dict[tuple[str, str], str]:
+        return {tuple(k.split("/", 1)): v for k, v in self.sources.items()}  # type: ignore[misc]
+
+    # -- registry --------------------------------------------------------------------------
+
+    def register(self, inst: Instance) -> None:
+        if self.registry.register(inst, self.clock()):
+            self.store.put_instance(inst)
+            self.rebuild()
+
+    def heartbeat(self, instance_id: str) -> bool:
+        return self.registry.heartbeat(instance_id, self.clock())
+
+    def deregister(self, instance_id: str) -> bool:
+        if not self.registry.deregister(instance_id):
+            return False
+        self.store.delete_instance(instance_id)
+        self.rebuild()
+        return True
+
+    def expire(self) -> list[Instance]:
+        gone = self.registry.expire(self.clock())
+        for inst in gone:
+            log.info("instance %s of %s expired (no heartbeat within %.1fs)",
+                     inst.instance_id, inst.service, inst.ttl)
+            self.store.delete_instance(inst.instance_id)
+        if gone:
+            self.rebuild()
+        return gone

@@ -1,0 +1,61 @@
+"""The state store behind meshd: rules, registry instances, the version epoch, rule history.
+
+One small interface so that the embedded SQLite default (``sqlite.py``) can later be joined by
+an etcd store shared by several meshd replicas. Calls are synchronous and short (single-row
+or single-transaction work); callers on trio may run them directly.
+
+Errors: implementations raise ``meshd.errors.MeshError`` subclasses only (``ConfigError`` for a
+corrupt or newer-schema store).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from meshd.rules.schema import RulesFile
+from registry.model import Instance
+
+
+class StoredRules(msgspec.Struct, frozen=True):
+    """The live rule set: ``rules`` plus, per ``(kind, name)``, the file it was pushed from."""
+
+    rules: RulesFile
+    sources: dict[str, str]  # "kind/name" -> file name
+    revision: int            # rule-history revision of this state (0 = never pushed)
+
+
+class HistoryEntry(msgspec.Struct, frozen=True):
+    revision: int
+    at: float                # unix seconds
+    action: str              # "push" | "delete"
+    file: str
+    changes: list[tuple[str, str, str]]  # (action, kind, name)
+
+
+class Store(Protocol):
+    def next_epoch(self) -> int:
+        """Persistently increment and return the epoch (called once per meshd start)."""
+        ...
+
+    def load_rules(self) -> StoredRules: ...
+
+    def save_rules(self, rules: RulesFile, sources: dict[str, str], action: str, file: str,
+                   changes: list[tuple[str, str, str]]) -> int:
+        """Atomically replace the live rule set and append a history entry; returns the revision."""
+        ...
+
+    def history(self, limit: int = 50) -> list[HistoryEntry]: ...
+
+    def load_instances(self) -> list[Instance]: ...
+
+    def put_instance(self, inst: Instance) -> None: ...
+
+    def delete_instance(self, instance_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def source_key(kind: str, name: str) -> str:
+    return f"{kind}/{name}"

@@ -1,0 +1,44 @@
+"""The abstract service model every registry adapter fills (Istio pilot ``model/service.go``).
+
+An ``Instance`` is one reachable copy of a service: the address and port of its *inbound
+sidecar* (mesh traffic goes sidecar to sidecar), its labels (``version``, ``zone``, …) and
+where it came from. Adapters (built-in, and later Consul, Eureka, Docker, etcd, static) only
+produce ``Instance`` values; meshd merges them and never learns the platform.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+DEFAULT_TTL = 10.0  # seconds; Consul TTL checks are commonly 10-15 s, Eureka leases 90 s
+
+
+class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One service instance.
+
+    service: service name (the mesh host, e.g. ``"svcb"``); instance_id: unique per registry;
+    address/port: the instance's inbound sidecar listener; labels: string map; source: adapter
+    name (``"builtin"``); ttl: seconds between required heartbeats before expiry.
+    """
+
+    service: str
+    instance_id: str
+    address: str
+    port: int
+    labels: dict[str, str] = {}
+    source: str = "builtin"
+    ttl: float = DEFAULT_TTL
+
+
+class ServiceDiscovery(Protocol):
+    """What meshd asks of every registry source (amalgam8 ``ServiceDiscovery`` in one method).
+
+    ``instances()`` returns the source's last known good view; raising ``RegistryError`` means
+    "unknown", never "empty".
+    """
+
+    name: str
+
+    def instances(self) -> list[Instance]: ...

@@ -1,0 +1,127 @@
+"""The sidecar's bootstrap file (TOML) — everything it needs before meshd answers.
+
+Example (documented in ``docs/sidecar.md``)::
+
+    service = "svcb"                 # required: the mesh host other services call
+    instance_id = "svcb-1"           # default: <service>-<hostname>-<inbound_port>
+    namespace = "default"
+    labels = { version = "v1" }
+    app_port = 8080                  # required: the local app
+    inbound_port = 15006             # Istio's inbound capture port
+    outbound_port = 15001            # Istio's outbound port (HTTP_PROXY target)
+    admin_port = 15000               # Envoy admin port
+    advertise_address = "127.0.0.1"  # how other sidecars reach the inbound listener
+    meshd_addr = "http://127.0.0.1:15010"
+    token = ""                       # join token; MESHD_TOKEN overrides when set
+    data_dir = "/var/lib/mesh-sidecar"   # last good snapshot cache
+    ttl = 10.0                       # registry lease, seconds; heartbeat every ttl/3
+
+``MESHD_ADDR`` and ``MESHD_TOKEN`` in the environment override ``meshd_addr``/``token``
+(as ``CONSUL_HTTP_ADDR``/``CONSUL_HTTP_TOKEN`` do). Errors: ``ConfigError`` with file, line,
+field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from meshd.errors import ConfigError
+from meshd.rules.locate import line_of
+
+DEFAULT_INBOUND_PORT = 15006   # Istio inbound capture port
+DEFAULT_OUTBOUND_PORT = 15001  # Istio outbound capture port
+DEFAULT_ADMIN_PORT = 15000     # Envoy/Istio admin port
+DEFAULT_MESHD_ADDR = "http://127.0.0.1:15010"
+DEFAULT_TTL = 10.0             # seconds
+DEFAULT_DRAIN = 5.0            # seconds; Envoy drain_timeout default
+_PATH_RE = re.compile(r"[.\[]?([A-Za-z_][A-Za-z0-9_-]*|\d+)\]?")
+
+
+class Bootstrap(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    service: str
+    app_port: int
+    instance_id: str = ""
+    namespace: str = "default"
+    labels: dict[str, str] = {}
+    app_address: str = "127.0.0.1"
+    inbound_port: int = DEFAULT_INBOUND_PORT
+    inbound_address: str = "0.0.0.0"
+    outbound_port: int = DEFAULT_OUTBOUND_PORT
+    outbound_address: str = "127.0.0.1"
+    admin_port: int = DEFAULT_ADMIN_PORT
+    admin_address: str = "127.0.0.1"
+    advertise_address: str = "127.0.0.1"
+    meshd_addr: str = DEFAULT_MESHD_ADDR
+    token: str = ""
+    data_dir: str = "/var/lib/mesh-sidecar"
+    ttl: float = DEFAULT_TTL
+    drain_seconds: float = DEFAULT_DRAIN
+
+    @property
+    def node(self) -> str:
+        return self.instance_id
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://cluster.local/ns/{self.namespace}/sa/{self.service}"
+
+
+def _check(b: Bootstrap) -> list[tuple[str, str]]:
+    problems = []
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", b.service):
+        problems.append(("service", "must be a lower-case DNS name"))
+    for field in ("app_port", "inbound_port", "outbound_port", "admin_port"):
+        port = getattr(b, field)
+        if not 0 <= port < 65536 or (field == "app_port" and port == 0):
+            problems.append((field, "must be a port within 1..65535"))
+    if not b.meshd_addr.startswith(("http://", "https://")):
+        problems.append(("meshd_addr", "must start with http:// or https://"))
+    if not 1.0 <= b.ttl <= 3600:
+        problems.append(("ttl", "must be within 1..3600 seconds"))
+    return problems
+
+
+def parse(text: str, file: str = "<bootstrap>", env: dict[str, str] | None = None) -> Bootstrap:
+    """Parse and check a bootstrap; environment overrides applied; raises ConfigError."""
+    env = dict(os.environ) if env is None else env
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(str(exc), file=file, line=int(m.group(1)) if m else 0) from exc
+    try:
+        boot = msgspec.convert(data, Bootstrap)
+    except msgspec.ValidationError as exc:
+        msg, _, path = str(exc).partition(" - at `$")
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in _PATH_RE.findall(path)]
+        unknown = re.search(r"unknown field `([^`]+)`", msg)
+        if unknown:
+            parts.append(unknown.group(1))
+        field = ".".join(str(p) for p in parts)
+        raise ConfigError(msg, file=file, line=line_of(text, tuple(parts)), field=field) from exc
+    problems = _check(boot)
+    if problems:
+        field, reason = problems[0]
+        raise ConfigError(reason, file=file, line=line_of(text, (field,)), field=field)
+    changes: dict[str, object] = {}
+    if not boot.instance_id:
+        changes["instance_id"] = f"{boot.service}-{socket.gethostname()}-{boot.inbound_port}"
+    if env.get("MESHD_ADDR"):
+        changes["meshd_addr"] = env["MESHD_ADDR"]
+    if env.get("MESHD_TOKEN"):
+        changes["token"] = env["MESHD_TOKEN"]
+    return msgspec.structs.replace(boot, **changes) if changes else boot
+
+
+def load(path: str | Path, env: dict[str, str] | None = None) -> Bootstrap:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read bootstrap: {exc.strerror}", file=str(path)) from exc
+    return parse(text, str(path), env)

@@ -1,0 +1,121 @@
+"""``mesh-sidecar``: one data-plane process per service instance.
+
+``mesh-sidecar run --config FILE`` starts, in one trio nursery: the inbound, outbound and
+admin listeners (``serve_http1`` per connection), the snapshot subscription (disk cache first)
+and the registry heartbeat. SIGTERM/SIGINT: deregister, keep serving for ``drain_seconds`` so
+peers receive the new endpoints, then stop (Envoy drain). ``mesh-sidecar ready`` exits 0 if the
+local admin ``/ready`` answers 200 (for Compose healthchecks without curl).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import urllib.request
+from functools import partial
+
+import click
+import httpx
+import trio
+
+from meshd.errors import ConfigError
+from sidecar import bootstrap
+from sidecar.admin import Admin
+from sidecar.control import Subscription
+from sidecar.http.client import UpstreamPool
+from sidecar.http.messages import ConnInfo, Handler
+from sidecar.http.server import serve_http1
+from sidecar.metrics import Metrics
+from sidecar.proxy.inbound import Inbound
+from sidecar.proxy.outbound import Outbound
+from sidecar.registration import Registration
+from sidecar.state import State
+
+log = logging.getLogger("sidecar")
+
+
+def _addr(sockname: object) -> tuple[str, int] | None:
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        return (str(sockname[0]), int(sockname[1]))
+    return None
+
+
+async def _serve_conn(handler: Handler, stream: trio.SocketStream) -> None:
+    info = ConnInfo(peer=_addr(stream.socket.getpeername()), local=_addr(stream.socket.getsockname()))
+    async with stream:
+        await serve_http1(stream, handler, info)
+
+
+async def _listen(nursery: trio.Nursery, handler: Handler, host: str, port: int) -> None:
+    await nursery.start(partial(trio.serve_tcp, partial(_serve_conn, handler), port, host=host))
+
+
+async def _wait_signal() -> int:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        async for sig in sigs:
+            return int(sig)
+    return 0
+
+
+async def run(boot: bootstrap.Bootstrap) -> None:
+    state, metrics = State(), Metrics()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=60.0)) as client:
+        sub = Subscription(boot, state, metrics, client)
+        sub.load_cache()
+        reg = Registration(boot, client)
+        pool_out, pool_in = UpstreamPool(), UpstreamPool()
+        async with trio.open_nursery() as nursery:
+            await _listen(nursery, Outbound(boot, state, pool_out, metrics).handle,
+                          boot.outbound_address, boot.outbound_port)
+            await _listen(nursery, Inbound(boot, pool_in, metrics).handle,
+                          boot.inbound_address, boot.inbound_port)
+            await _listen(nursery, Admin(boot.node, state, metrics).handle,
+                          boot.admin_address, boot.admin_port)
+            nursery.start_soon(sub.run)
+            nursery.start_soon(reg.run)
+            log.info("sidecar %s up: inbound %d -> app %d, outbound %d, admin %d", boot.node,
+                     boot.inbound_port, boot.app_port, boot.outbound_port, boot.admin_port)
+            sig = await _wait_signal()
+            log.info("signal %d: deregistering, draining %.1fs", sig, boot.drain_seconds)
+            await reg.deregister()
+            await trio.sleep(boot.drain_seconds)
+            nursery.cancel_scope.cancel()
+        await pool_out.aclose()
+        await pool_in.aclose()
+
+
+@click.group()
+def main() -> None:
+    """mesh-sidecar: the meshd data plane."""
+
+
+@main.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False),
+              help="bootstrap TOML file")
+@click.option("--log-level", default="info", show_default=True)
+def run_cmd(config: str, log_level: str) -> None:
+    """Run the sidecar for one service instance."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        boot = bootstrap.load(config)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    trio.run(run, boot)
+
+
+@main.command("ready")
+@click.option("--admin", default="127.0.0.1:15000", show_default=True, help="admin host:port")
+def ready_cmd(admin: str) -> None:
+    """Exit 0 if the sidecar at ADMIN is ready (has a snapshot), 1 otherwise."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=2) as resp:
+            sys.exit(0 if resp.status == 200 else 1)
+    except OSError as exc:
+        click.echo(f"not ready: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

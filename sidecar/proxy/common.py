@@ -1,0 +1,62 @@
+"""Pieces shared by the inbound and outbound listeners: peer metadata, local replies, metrics hook.
+
+``x-meshd-peer`` carries the calling workload's identity between sidecars (Istio's
+``x-envoy-peer-metadata`` in spirit) as ``workload=svca;namespace=default;version=v1``; the
+inbound sidecar reads it for metrics and strips it before the app sees the request. With mTLS
+(a later issue) the principal will come from the peer certificate instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from meshd.errors import MeshError
+from sidecar.bootstrap import Bootstrap
+from sidecar.http.messages import Response, ResponseHead
+from sidecar.metrics import UNKNOWN, Peer
+
+PEER_HEADER = "x-meshd-peer"
+
+
+def peer_header_value(boot: Bootstrap) -> str:
+    version = boot.labels.get("version", UNKNOWN)
+    return f"workload={boot.service};namespace={boot.namespace};version={version}"
+
+
+def parse_peer(value: str | None) -> Peer:
+    """Inverse of ``peer_header_value``; tolerant: unknown or malformed parts become 'unknown'."""
+    if not value:
+        return Peer()
+    fields = dict(p.split("=", 1) for p in value.split(";") if "=" in p)
+    workload = fields.get("workload", UNKNOWN)
+    return Peer(workload=workload, app=workload, namespace=fields.get("namespace", UNKNOWN),
+                version=fields.get("version", UNKNOWN))
+
+
+def error_response(exc: MeshError) -> Response:
+    """A local reply for a mesh error: its status, a one-line text body, Envoy's response flag."""
+    status = int(getattr(exc, "status", 500))
+    flag = str(getattr(exc, "response_flag", "-"))
+    body = f"{exc}\n".encode()
+    head = ResponseHead(status=status, headers=(
+        ("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body))),
+        ("x-meshd-response-flags", flag)))
+    return Response(head=head, body=body)
+
+
+def observed(resp: Response, record: Callable[[int], None]) -> Response:
+    """Wrap ``resp.aclose`` so ``record(status)`` runs exactly once when the exchange ends."""
+    inner = resp.aclose
+    status = resp.head.status
+    done = False
+
+    async def aclose() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            record(status)
+        if inner is not None:
+            await inner()
+
+    resp.aclose = aclose
+    return resp
