@@ -93,7 +93,7 @@ class ControlPlane:
 
     def push_rules(self, text: str, file: str, dry_run: bool = False) -> dict[str, object]:
         """Validate and apply a rules file; raises RuleValidationError (nothing changed)."""
-        pushed, merged = rv.validate_push(text, file, self.rules, self.sources)
+        pushed, merged = rv.validate_push(text, file, self.rules, self._source_tuples())
         self._check_compiles(merged, file)
         changes = [c for c in rv.diff(self.rules, merged)]
         result: dict[str, object] = {"changes": [list(c) for c in changes], "dry_run": dry_run}
