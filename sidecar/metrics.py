@@ -60,7 +60,9 @@ class Metrics:
             reporter, source.workload, source.namespace, source.principal, source.app,
             source.version, destination.workload, destination.namespace, destination.principal,
             destination.app, destination.version, service, service.split(".")[0],
-            destination.namespace, "http", str(code), "-", flags or "-", UNKNOWN,
+            destination.namespace, "http", str(code), "-", flags or "-",
+            # Istio: "unknown" on the source side; "none" on the destination side without mTLS
+            "none" if reporter == "destination" else UNKNOWN,
         )
         self.requests.labels(*values).inc()
         self.duration.labels(*values).observe(millis)

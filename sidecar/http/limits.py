@@ -44,7 +44,7 @@ POOL_REAP_INTERVAL = 1.0  # at most one sweep of expired idle connections per se
 
 
 def _check_positive(obj: object) -> None:
-    """Raise ``ConfigError`` naming the first field that is not > 0 (shape: any limits dataclass)."""
+    """Raise ``ConfigError`` naming the first field of a limits dataclass that is not > 0."""
     for f in fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, f.name)
         if not value > 0:

@@ -7,7 +7,6 @@ down; nothing leaves 127.0.0.1.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshd.demo.harness import MeshHarness, free_port, wait_until
 
@@ -75,6 +75,18 @@ def _endpoints(mesh: MeshHarness, node: str, cluster: str) -> list[str]:
     return []
 
 
+def _requests_total(url: str) -> dict[tuple[str, str, str, str], float]:
+    """istio_requests_total by (reporter, source_workload, destination_service_name, code)."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(url).text):
+        for s in family.samples:
+            if s.name == "istio_requests_total":
+                lab = s.labels
+                out[(lab["reporter"], lab["source_workload"], lab["destination_service_name"],
+                     lab["response_code"])] = s.value
+    return out
+
+
 def _meshd(mesh: MeshHarness, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "meshd.cli.main", "--addr", mesh.meshd_addr,
                            *args], capture_output=True, text=True, timeout=30)
@@ -89,14 +101,12 @@ def test_sidecar_pair_forwards_over_keepalive_and_reports_istio_metrics(mesh: Me
     # Host-header mode: send straight to the outbound port
     resp = httpx.get(f"http://127.0.0.1:{outbound}/send", headers={"host": "echo"})
     assert resp.status_code == 200
-    metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics").text
-    line = next(x for x in metrics.splitlines() if x.startswith("istio_requests_total{")
-                and 'reporter="source"' in x and 'response_code="200"' in x)
-    assert 'destination_service_name="echo"' in line and 'source_workload="client"' in line
-    assert float(line.rsplit(" ", 1)[1]) == 21.0
-    inbound = httpx.get(f"http://127.0.0.1:{mesh.sidecars['echo-1'].admin}/metrics").text
-    assert re.search(r'istio_requests_total\{reporter="destination",source_workload="client".*'
-                     r'response_code="200".*\} 21\.0', inbound)
+    source = _requests_total(f"http://127.0.0.1:{admin}/metrics")
+    key = ("source", "client", "echo", "200")
+    assert source[key] == 21.0, source
+    inbound_url = f"http://127.0.0.1:{mesh.sidecars['echo-1'].admin}/metrics"
+    assert _requests_total(inbound_url)[("destination", "client", "echo", "200")] == 21.0
+    inbound = httpx.get(inbound_url).text
     assert "istio_request_duration_milliseconds_bucket" in inbound
 
 
