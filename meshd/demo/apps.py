@@ -34,7 +34,10 @@ def call(url: str, headers: dict[str, str]) -> tuple[int, object]:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         body = exc.read().decode("utf-8", "replace").strip()
-        return exc.code, body
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:
+            return exc.code, body
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return 599, str(exc)
 

@@ -207,8 +207,10 @@ def step_d(mesh: MeshHarness, step: Step, client: httpx.Client) -> None:
 
 def step_e(mesh: MeshHarness, step: Step) -> None:
     print("== (e) proxy-status", flush=True)
-    out = cli(mesh, "proxy-status")
     alive = [n for n in mesh.sidecars if n != "svcb-v1-b"]
+    wait_until(lambda: {str(r["node"]) for r in mesh.proxy_status()} == set(alive), 20,
+               "the dead sidecar to leave proxy-status")
+    out = cli(mesh, "proxy-status")
     step.check(out.returncode == 0 and mesh.synced(alive),
                f"all {len(alive)} live sidecars SYNCED at the same version")
 

@@ -25,6 +25,7 @@ class NodeStatus:
     nacked: str = ""            # last NACKed version
     nack_reason: str = ""
     last_seen: float = field(default_factory=time.time)  # unix seconds
+    watching: int = 0           # long-polls in flight: >0 means connected right now
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +67,25 @@ class SnapshotCache:
 
     async def wait_for(self, node: str, known_version: str, timeout: float) -> Entry | None:
         """The node's entry if its version differs from ``known_version``, else None after timeout."""
-        with trio.move_on_after(timeout):
-            while True:
-                entry = self._entries.get(node)
-                if entry is not None and str(entry.snapshot.version) != known_version:
-                    return entry
-                await self._changed.wait()
-        return None
+        st = self._status.get(node)
+        if st is not None:
+            st.watching += 1
+        try:
+            with trio.move_on_after(timeout):
+                while True:
+                    entry = self._entries.get(node)
+                    if entry is not None and str(entry.snapshot.version) != known_version:
+                        return entry
+                    await self._changed.wait()
+            return None
+        finally:
+            if st is not None:
+                st.watching -= 1
+                st.last_seen = time.time()
+
+    def connected(self, node: str) -> bool:
+        st = self._status.get(node)
+        return st is not None and st.watching > 0
 
     def ack(self, node: str, version: str, error: str | None) -> bool:
         st = self._status.get(node)
@@ -84,6 +97,14 @@ class SnapshotCache:
         else:
             st.applied = version
         return True
+
+    def prune(self, idle: float) -> list[str]:
+        """Forget nodes with no long-poll in flight and none for ``idle`` seconds."""
+        cutoff = time.time() - idle
+        gone = [n for n, st in self._status.items() if st.watching == 0 and st.last_seen < cutoff]
+        for node in gone:
+            self.forget(node)
+        return gone
 
     def forget(self, node: str) -> None:
         self._entries.pop(node, None)
@@ -98,6 +119,6 @@ class SnapshotCache:
             state = "SYNCED" if intended and intended == st.applied else (
                 "NACKED" if st.nacked == intended and intended else "STALE")
             rows.append({"node": node, "service": st.info.service, "intended": intended,
-                         "applied": st.applied, "state": state, "nacked": st.nacked,
+                         "applied": st.applied, "state": state, "connected": st.watching > 0, "nacked": st.nacked,
                          "nack_reason": st.nack_reason, "last_seen": st.last_seen})
         return rows

@@ -29,6 +29,7 @@ from registry.builtin import BuiltinRegistry
 from registry.model import Instance
 
 log = logging.getLogger("meshd.control")
+NODE_GONE_AFTER = 10.0  # seconds without a long-poll before a sidecar leaves proxy-status
 
 
 class ControlPlane:
@@ -145,6 +146,8 @@ class ControlPlane:
         return True
 
     def expire(self) -> list[Instance]:
+        """Drop lapsed leases (and sidecars gone from proxy-status); rebuild if any lapsed."""
+        self.cache.prune(NODE_GONE_AFTER)
         gone = self.registry.expire(self.clock())
         for inst in gone:
             log.info("instance %s of %s expired (no heartbeat within %.1fs)",

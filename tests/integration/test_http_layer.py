@@ -199,6 +199,25 @@ async def test_oversized_head_in_small_writes_gets_431(nursery: trio.Nursery) ->
     assert echo.calls == 0
 
 
+async def test_error_response_survives_unread_request_bytes(nursery: trio.Nursery) -> None:
+    """Lingering close: closing with unread input would send a RST and destroy the 400."""
+    port = await start_server(nursery, Echo())
+    smuggle = H + "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+
+        async def flood() -> None:
+            try:
+                await stream.send_all(smuggle.encode() + b"x" * 512 * 1024)
+            except trio.BrokenResourceError:
+                pass
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(flood)
+            await trio.sleep(0.05)
+            data = await read_until_eof(stream)
+    assert [r[0] for r in parse_responses(data)] == [400]
+
+
 async def test_slowloris_head_deadline_is_for_the_whole_head(nursery: trio.Nursery) -> None:
     port = await start_server(nursery, Echo(), ServerLimits(header_timeout=0.3))
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:

@@ -112,3 +112,12 @@ async def test_ttl_expiry_rebuilds_and_ack_nack_status(tmp_path: Path) -> None:
     cp.cache.ack("a", v2, "bad regex")
     row = cp.cache.status()[0]
     assert row["state"] == "NACKED" and row["nack_reason"] == "bad regex" and row["applied"] == v
+
+
+async def test_silent_sidecars_leave_proxy_status(tmp_path: Path) -> None:
+    cp = _cp(tmp_path)
+    cp.subscribe(NodeInfo(node="gone"))
+    cp.subscribe(NodeInfo(node="alive"))
+    cp.cache._status["gone"].last_seen -= 60
+    assert cp.cache.prune(10.0) == ["gone"]
+    assert [r["node"] for r in cp.cache.status()] == ["alive"]
