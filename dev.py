@@ -21,7 +21,7 @@ STAMP = VENV / ".installed"
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py must run on any python3 to say so
         sys.exit(f"meshd needs Python 3.11 or newer, this is {sys.version.split()[0]}")
     pyproject = ROOT / "pyproject.toml"
     if STAMP.exists() and STAMP.stat().st_mtime >= pyproject.stat().st_mtime:

@@ -68,20 +68,26 @@ class MeshHarness:
         self.sidecars: dict[str, Sidecar] = {}
         self.meshd: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(timeout=10.0)
+        self.token = ""
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
                ) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.workdir / f"{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=log,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
         self.procs.append(proc)
         return proc
 
-    def start_meshd(self) -> None:
+    def start_meshd(self, token: str = "") -> None:
+        """Start ``meshd serve`` (with a join token if given; sidecars started later use it)."""
+        self.token = token
+        if token:
+            self.http.headers["authorization"] = f"Bearer {token}"
         self.meshd = self._spawn("meshd", ["meshd.cli.main", "serve", "--listen",
                                            f"127.0.0.1:{self.meshd_port}", "--data-dir",
-                                           str(self.workdir / "meshd-data"), "--log-level", "warning"])
+                                           str(self.workdir / "meshd-data"), "--log-level", "warning"],
+                                 {"MESHD_TOKEN": token})
         wait_until(lambda: self.http.get(f"{self.meshd_addr}/healthz").status_code == 200,
                    READY_TIMEOUT, "meshd /healthz")
 
@@ -118,7 +124,7 @@ class MeshHarness:
                 f"inbound_port = {sc.inbound}\noutbound_port = {sc.outbound}\n"
                 f'admin_port = {sc.admin}\nmeshd_addr = "{self.meshd_addr}"\n'
                 f'data_dir = "{self.workdir / sc.name}"\nttl = {self.ttl}\n'
-                f"drain_seconds = {self.drain}\n")
+                f'drain_seconds = {self.drain}\ntoken = "{self.token}"\n')
 
     def restart_sidecar(self, name: str) -> None:
         sc = self.sidecars[name]
@@ -127,6 +133,14 @@ class MeshHarness:
         proc.wait(timeout=10)
         sc.procs.append(self._spawn(name, ["sidecar.main", "run", "--config", str(sc.config),
                                            "--log-level", "warning"]))
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> float:
+        """Signal an instance's sidecar (last process) and wait; returns seconds until exit."""
+        proc = self.sidecars[name].procs[-1]
+        start = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        return time.monotonic() - start
 
     def kill(self, name: str) -> None:
         """SIGKILL an instance's app and sidecar (no deregistration: the TTL must expire it)."""

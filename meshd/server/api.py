@@ -29,7 +29,7 @@ import hmac
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from meshd.errors import ConfigError, RuleValidationError

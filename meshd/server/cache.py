@@ -65,13 +65,13 @@ class SnapshotCache:
         self._changed = trio.Event()
         return True
 
-    async def wait_for(self, node: str, known_version: str, timeout: float) -> Entry | None:
-        """The node's entry if its version differs from ``known_version``, else None after timeout."""
+    async def wait_for(self, node: str, known_version: str, wait: float) -> Entry | None:
+        """The node's entry once its version differs from ``known_version``; None after ``wait`` s."""
         st = self._status.get(node)
         if st is not None:
             st.watching += 1
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(wait):
                 while True:
                     entry = self._entries.get(node)
                     if entry is not None and str(entry.snapshot.version) != known_version:
@@ -119,6 +119,7 @@ class SnapshotCache:
             state = "SYNCED" if intended and intended == st.applied else (
                 "NACKED" if st.nacked == intended and intended else "STALE")
             rows.append({"node": node, "service": st.info.service, "intended": intended,
-                         "applied": st.applied, "state": state, "connected": st.watching > 0, "nacked": st.nacked,
-                         "nack_reason": st.nack_reason, "last_seen": st.last_seen})
+                         "applied": st.applied, "state": state, "connected": st.watching > 0,
+                         "nacked": st.nacked, "nack_reason": st.nack_reason,
+                         "last_seen": st.last_seen})
         return rows

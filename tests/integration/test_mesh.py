@@ -188,3 +188,33 @@ def test_meshd_restart_sidecars_keep_serving_then_resync_newer(mesh: MeshHarness
     mesh.wait_synced()
     with httpx.Client(proxy=proxy) as c:
         assert c.get("http://echo/send").status_code == 200
+
+
+def test_sigterm_deregisters_then_drains(mesh: MeshHarness) -> None:
+    _echo_pair(mesh)
+    took = mesh.stop("echo-1")
+    assert took < mesh.drain + 3.0
+    services = mesh.api("GET", "/v1/registry/services").json()["services"]
+    assert all(i["instance_id"] != "echo-1" for s in services for i in s["instances"])
+    # deregistered at once, not after the TTL: the client's endpoints are already empty
+    wait_until(lambda: _endpoints(mesh, "client-1", "outbound||echo") == [], 2.0, "echo gone")
+    resp = httpx.get(f"http://127.0.0.1:{mesh.sidecars['client-1'].outbound}/send",
+                     headers={"host": "echo"})
+    # with no instance left the host is no longer a mesh service: egress policy answers
+    assert resp.status_code == 502 and "denied" in resp.text
+
+
+def test_join_token(tmp_path: Path) -> None:
+    h = MeshHarness(tmp_path, ttl=2.0, drain=0.2)
+    try:
+        h.start_meshd(token="s3cret")
+        h.add_service("echo-1", "echo", "msgd")
+        h.wait_ready()
+        h.wait_synced()
+        denied = _meshd(h, "services")
+        assert denied.returncode == 1
+        assert denied.stderr.strip() == "error: meshd refused the join token (set MESHD_TOKEN)"
+        ok = _meshd(h, "--token", "s3cret", "services")
+        assert ok.returncode == 0 and "echo-1" in ok.stdout
+    finally:
+        h.close()

@@ -1,0 +1,59 @@
+"""CPU time and memory of processes and of the host, read from ``/proc`` (Linux only)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (``/proc/<pid>/stat`` fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        # the command name (field 2) may hold spaces: split after its closing parenthesis
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` in MB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def host_busy_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from the first line of ``/proc/stat``."""
+    with open("/proc/stat", encoding="ascii") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+@dataclass
+class CpuWindow:
+    """CPU used by some processes, and by the whole host, between ``start()`` and ``stop()``."""
+
+    pids: dict[str, int]
+    _cpu0: dict[str, float] | None = None
+    _host0: tuple[int, int] = (0, 0)
+    _t0: float = 0.0
+
+    def start(self) -> None:
+        self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._host0 = host_busy_ticks()
+        self._t0 = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        """vCPU (CPU seconds per wall second) per process name, plus ``host`` in cores busy."""
+        assert self._cpu0 is not None, "start() first"
+        wall = time.monotonic() - self._t0
+        out = {name: (cpu_seconds(pid) - self._cpu0[name]) / wall for name, pid in self.pids.items()}
+        busy, total = host_busy_ticks()
+        share = (busy - self._host0[0]) / max(1, total - self._host0[1])
+        out["host"] = share * (os.cpu_count() or 1)
+        return out
