@@ -82,8 +82,9 @@ def nginx_config(workdir: Path, ports: list[int], body_size: int) -> str:
     )
 
 
-def start_origin(procs: Procs, ports: list[int], body_size: int, use_nginx: bool) -> str:
-    """Start nginx (or the fallback) listening on ``ports``; returns a description of it."""
+def start_origin(procs: Procs, ports: list[int], body_size: int,
+                 use_nginx: bool) -> tuple[subprocess.Popen[bytes], str]:
+    """Start nginx (or the fallback) listening on ``ports``; returns it and a description."""
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if use_nginx and nginx:
         conf = procs.workdir / "nginx.conf"
@@ -92,14 +93,14 @@ def start_origin(procs: Procs, ports: list[int], body_size: int, use_nginx: bool
                                      "-e", "stderr"])
         try:
             wait_port(ports[0], START_TIMEOUT, "nginx")
-            return tool_version([nginx, "-v"]) or "nginx"
+            return proc, tool_version([nginx, "-v"]) or "nginx"
         except TimeoutError:
             print(f"nginx did not start (exit {proc.poll()}), see {procs.workdir}/nginx.log; "
                   "using tiny_origin.py", file=sys.stderr)
     args = [sys.executable, str(HERE / "tiny_origin.py"), "--size", str(body_size)]
-    procs.spawn("tiny-origin", args + [a for p in ports for a in ("--port", str(p))])
+    proc = procs.spawn("tiny-origin", args + [a for p in ports for a in ("--port", str(p))])
     wait_port(ports[0], START_TIMEOUT, "tiny_origin.py")
-    return "tiny_origin.py (asyncio; nginx unavailable)"
+    return proc, "tiny_origin.py (asyncio; nginx unavailable)"
 
 
 def haproxy_config(port: int, origin_port: int) -> str:

@@ -259,16 +259,17 @@ def _unique_names(rules: RulesFile, out: list[Problem]) -> None:
 
 
 def _route_hosts(rules: RulesFile, out: list[Problem]) -> None:
-    """One route rule per host (Istio merges VirtualServices ambiguously; we refuse)."""
-    owner: dict[str, str] = {}
-    for i, route in enumerate(rules.route):
-        if route.host in owner and owner[route.host] != route.name:
-            out.append((("route", i, "host"), host_taken(route.host, owner[route.host])))
-        owner.setdefault(route.host, route.name)
+    """One route and one destination rule per host (Istio merges them ambiguously; we refuse)."""
+    for kind in ("route", "destination"):
+        owner: dict[str, str] = {}
+        for i, rule in enumerate(getattr(rules, kind)):
+            if rule.host in owner and owner[rule.host] != rule.name:
+                out.append(((kind, i, "host"), host_taken(rule.host, owner[rule.host], kind)))
+            owner.setdefault(rule.host, rule.name)
 
 
-def host_taken(host: str, owner: str) -> str:
-    return f'host "{host}" already has route rule "{owner}"'
+def host_taken(host: str, owner: str, kind: str = "route") -> str:
+    return f'host "{host}" already has {kind} rule "{owner}"'
 
 
 def dotted(path: Path) -> str:

@@ -145,18 +145,20 @@ def diff(old: RulesFile, new: RulesFile) -> list[tuple[str, str, str]]:
 
 
 def _host_conflicts(rules: RulesFile, origin: _Origin) -> list[ConfigError]:
-    """Blame the pushed rule, not the stored one that already owned the host."""
-    by_host: dict[str, list[int]] = {}
-    for i, route in enumerate(rules.route):
-        by_host.setdefault(route.host, []).append(i)
+    """One route and one destination rule per host; blame the pushed rule, not the stored one."""
     errors: list[ConfigError] = []
-    for host, indices in by_host.items():
-        stored = [i for i in indices if not origin.is_pushed("route", rules.route[i].name)]
-        owner = (stored or indices)[0]
-        for i in indices:
-            if i != owner:
-                reason = host_taken(host, rules.route[owner].name)
-                errors.append(origin.error("route", rules.route[i].name, i, ("host",), reason))
+    for kind in ("route", "destination"):
+        items = getattr(rules, kind)
+        by_host: dict[str, list[int]] = {}
+        for i, rule in enumerate(items):
+            by_host.setdefault(rule.host, []).append(i)
+        for host, indices in by_host.items():
+            stored = [i for i in indices if not origin.is_pushed(kind, items[i].name)]
+            owner = (stored or indices)[0]
+            for i in indices:
+                if i != owner:
+                    reason = host_taken(host, items[owner].name, kind)
+                    errors.append(origin.error(kind, items[i].name, i, ("host",), reason))
     return errors
 
 

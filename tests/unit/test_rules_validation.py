@@ -591,3 +591,11 @@ def test_any_text_parses_or_raises_rule_validation_error(start: int, cut: int, j
         validate_push(text, "f.toml", RulesFile())
     except RuleValidationError as exc:
         assert exc.errors and all(e.file == "f.toml" for e in exc.errors)
+
+
+def test_two_destination_rules_for_one_host_are_rejected() -> None:
+    text = ('[[destination]]\nname = "a"\nhost = "svcb"\n\n'
+            '[[destination]]\nname = "b"\nhost = "svcb"\n')
+    with pytest.raises(RuleValidationError) as exc:
+        parse_rules(text, "d.toml")
+    assert str(exc.value) == 'd.toml:7: destination[1].host: host "svcb" already has destination rule "a"'
