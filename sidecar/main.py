@@ -97,6 +97,7 @@ def main() -> None:
 def run_cmd(config: str, log_level: str) -> None:
     """Run the sidecar for one service instance."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
     try:
         boot = bootstrap.load(config)
     except ConfigError as exc:

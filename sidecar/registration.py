@@ -25,6 +25,7 @@ class Registration:
         self.boot = boot
         self.client = client
         self.registered = False
+        self._scope = trio.CancelScope()  # cancelled by deregister(): no re-register in drain
 
     def _instance(self) -> dict[str, object]:
         b = self.boot
@@ -51,16 +52,19 @@ class Registration:
         resp.raise_for_status()
 
     async def run(self) -> None:
+        """Register, then heartbeat every ttl/3 until ``deregister`` is called."""
         period = self.boot.ttl / HEARTBEAT_DIVISOR
-        while True:
-            try:
-                await (self.heartbeat() if self.registered else self.register())
-            except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
-                log.warning("registry call failed: %s", exc)
-            await trio.sleep(period)
+        with self._scope:
+            while True:
+                try:
+                    await (self.heartbeat() if self.registered else self.register())
+                except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
+                    log.warning("registry call failed: %s", exc)
+                await trio.sleep(period)
 
     async def deregister(self) -> None:
-        """Best effort, bounded by CALL_TIMEOUT; errors are logged, not raised."""
+        """Stop heartbeats, then deregister: best effort, bounded by CALL_TIMEOUT, never raises."""
+        self._scope.cancel()
         url = f"{self.boot.meshd_addr}/v1/registry/instances/{self.boot.instance_id}"
         try:
             with trio.fail_after(CALL_TIMEOUT):

@@ -160,13 +160,13 @@ def rule_delete(api: Api, kind: str, name: str) -> None:
 def services(api: Api) -> None:
     """Show the registry: service, instance, address, labels, health, lease left."""
     _, body = api.call("GET", "/v1/registry/services")
-    click.echo(f"{'SERVICE':<12} {'INSTANCE':<22} {'ADDRESS':<22} {'HEALTH':<8} LABELS")
+    click.echo(f"{'SERVICE':<12} {'INSTANCE':<22} {'ADDRESS':<28} {'HEALTH':<8} LABELS")
     for svc in body["services"]:
         for i in svc["instances"]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(i["labels"].items()))
             addr = f"{i['address']}:{i['port']}"
             health = "passing" if i["healthy"] else "critical"
-            click.echo(f"{svc['name']:<12} {i['instance_id']:<22} {addr:<22} {health:<8} {labels}")
+            click.echo(f"{svc['name']:<12} {i['instance_id']:<22} {addr:<28} {health:<8} {labels}")
 
 
 @main.command("proxy-status")

@@ -5,7 +5,8 @@ or by sending to the outbound port with ``Host: svcb``. Per request: resolve the
 the ``Router`` (route match + weighted subset), pick an endpoint with the cluster's load
 balancer, forward over a pooled keep-alive connection. A connect failure is retried on another
 endpoint up to ``CONNECT_RETRIES`` times — safe because nothing was sent (Istio's default retry
-policy includes ``connect-failure``). Hosts outside the mesh go out only if an egress rule
+policy includes ``connect-failure``); so is a body-less request whose peer sidecar answered 503
+``UF`` (its app refused the connection, e.g. the app stopped before its sidecar). Hosts outside the mesh go out only if an egress rule
 allows them, else 502 (Istio REGISTRY_ONLY).
 """
 
@@ -20,7 +21,7 @@ from sidecar.bootstrap import Bootstrap
 from sidecar.core.balancer import Key, key
 from sidecar.core.router import EgressTarget, MeshTarget, split_authority
 from sidecar.http.client import UpstreamPool
-from sidecar.http.messages import Body, ConnInfo, RequestHead, Response
+from sidecar.http.messages import Body, ConnInfo, RequestHead, Response, body_length
 from sidecar.metrics import Metrics, Peer
 from sidecar.proxy.common import PEER_HEADER, error_response, observed, peer_header_value
 from sidecar.state import Applied, State
@@ -94,6 +95,13 @@ class Outbound:
             except BaseException:
                 balancer.finished(ep)
                 raise
+            if _peer_refused(resp) and body_length(body) == 0:
+                # the peer sidecar could not reach its app: nothing was processed, try another
+                balancer.finished(ep)
+                if resp.aclose is not None:
+                    await resp.aclose()
+                last = UpstreamConnectError(f"{ep.instance_id or ep.address}: app refused")
+                continue
             return self._release_on_close(resp, balancer, ep), _peer_of(ep, target.host)
         raise last
 
@@ -119,6 +127,11 @@ class Outbound:
             except UpstreamConnectError as exc:
                 last = exc
         raise last
+
+
+def _peer_refused(resp: Response) -> bool:
+    """A 503 local reply of the peer's inbound with flag UF: its app refused the connection."""
+    return resp.head.status == 503 and resp.head.header("x-meshd-response-flags") == "UF"
 
 
 def _peer_of(ep: Endpoint, host: str) -> Peer:

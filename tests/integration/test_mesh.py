@@ -190,18 +190,44 @@ def test_meshd_restart_sidecars_keep_serving_then_resync_newer(mesh: MeshHarness
         assert c.get("http://echo/send").status_code == 200
 
 
-def test_sigterm_deregisters_then_drains(mesh: MeshHarness) -> None:
-    _echo_pair(mesh)
-    took = mesh.stop("echo-1")
-    assert took < mesh.drain + 3.0
-    services = mesh.api("GET", "/v1/registry/services").json()["services"]
-    assert all(i["instance_id"] != "echo-1" for s in services for i in s["instances"])
-    # deregistered at once, not after the TTL: the client's endpoints are already empty
-    wait_until(lambda: _endpoints(mesh, "client-1", "outbound||echo") == [], 2.0, "echo gone")
-    resp = httpx.get(f"http://127.0.0.1:{mesh.sidecars['client-1'].outbound}/send",
-                     headers={"host": "echo"})
-    # with no instance left the host is no longer a mesh service: egress policy answers
-    assert resp.status_code == 502 and "denied" in resp.text
+def test_sigterm_deregisters_then_drains(tmp_path: Path) -> None:
+    mesh = MeshHarness(tmp_path, ttl=2.0, drain=1.5)  # drain spans two heartbeat periods
+    try:
+        mesh.start_meshd()
+        _echo_pair(mesh)
+        proc = mesh.sidecars["echo-1"].procs[-1]
+        proc.send_signal(signal.SIGTERM)
+
+        def registered() -> bool:
+            services = mesh.api("GET", "/v1/registry/services").json()["services"]
+            return any(i["instance_id"] == "echo-1" for s in services for i in s["instances"])
+
+        wait_until(lambda: not registered(), 1.0, "echo-1 deregistered at SIGTERM")
+        # deregistered at once, not after the TTL: the client's endpoints are already empty
+        wait_until(lambda: _endpoints(mesh, "client-1", "outbound||echo") == [], 2.0, "echo gone")
+        seen_again = False
+        while proc.poll() is None:  # draining: it must not register itself again
+            seen_again |= registered()
+        assert not seen_again and proc.returncode == 0
+        resp = httpx.get(f"http://127.0.0.1:{mesh.sidecars['client-1'].outbound}/send",
+                         headers={"host": "echo"})
+        # with no instance left the host is no longer a mesh service: egress policy answers
+        assert resp.status_code == 502 and "denied" in resp.text
+    finally:
+        mesh.close()
+
+
+def test_app_stopped_before_its_sidecar_is_retried_elsewhere(mesh: MeshHarness) -> None:
+    outbound, _ = _echo_pair(mesh)
+    mesh.add_service("echo-2", "echo", "msgd", {"version": "v1"})
+    mesh.wait_ready(["echo-2"])
+    wait_until(lambda: len(_endpoints(mesh, "client-1", "outbound||echo")) == 2, 10, "2 echoes")
+    app = mesh.sidecars["echo-2"].procs[0]
+    app.send_signal(signal.SIGKILL)  # the app dies, its sidecar still answers (503 UF)
+    app.wait(timeout=10)
+    with httpx.Client(proxy=f"http://127.0.0.1:{outbound}") as c:
+        codes = [c.get("http://echo/send").status_code for _ in range(40)]
+    assert codes == [200] * 40
 
 
 def test_join_token(tmp_path: Path) -> None:
