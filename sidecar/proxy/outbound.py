@@ -6,8 +6,8 @@ the ``Router`` (route match + weighted subset), pick an endpoint with the cluste
 balancer, forward over a pooled keep-alive connection. A connect failure is retried on another
 endpoint up to ``CONNECT_RETRIES`` times — safe because nothing was sent (Istio's default retry
 policy includes ``connect-failure``); so is a body-less request whose peer sidecar answered 503
-``UF`` (its app refused the connection, e.g. the app stopped before its sidecar). Hosts outside the mesh go out only if an egress rule
-allows them, else 502 (Istio REGISTRY_ONLY).
+``UF`` (its app refused the connection, e.g. the app stopped before its sidecar). Hosts outside
+the mesh go out only if an egress rule allows them, else 502 (Istio REGISTRY_ONLY).
 """
 
 from __future__ import annotations
