@@ -39,6 +39,7 @@ class WrkResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    mean_ms: float
     errors: int       # socket errors: connect, read, write, timeout
     bad_status: int   # responses that were not 2xx/3xx
 
@@ -59,7 +60,7 @@ class Target:
 def write_script(workdir: Path, delay_ms: int | None) -> Path:
     """The Lua script: the ``done()`` hook, plus a constant ``delay()`` when pacing."""
     pacing = f"function delay()\n  return {delay_ms}\nend\n" if delay_ms is not None else ""
-    path = workdir / ("wrk-paced.lua" if delay_ms is not None else "wrk-max.lua")
+    path = workdir / (f"wrk-delay-{delay_ms}ms.lua" if delay_ms is not None else "wrk-max.lua")
     path.write_text(pacing + DONE_HOOK)
     return path
 
@@ -72,6 +73,7 @@ def parse_output(stdout: str) -> WrkResult:
             return WrkResult(
                 requests=d["requests"], seconds=d["duration_us"] / 1e6, p50_ms=d["p50"] / 1000,
                 p90_ms=d["p90"] / 1000, p99_ms=d["p99"] / 1000, max_ms=d["max"] / 1000,
+                mean_ms=d["mean"] / 1000,
                 errors=d["connect"] + d["read"] + d["write"] + d["timeout"], bad_status=d["status"])
     raise RuntimeError(f"wrk printed no result line:\n{stdout}")
 

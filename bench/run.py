@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import signal
@@ -39,6 +40,8 @@ import stack
 from loadgen import Target, WrkResult, run_wrk, write_script
 from report import DIRECT, HAPROXY, ONE, TARGET_ORDER, TWO
 
+QUIET_CORES = 0.25  # host cores busy before the bench above which results are noisy
+
 
 @dataclass(frozen=True)
 class Options:
@@ -51,6 +54,8 @@ class Options:
     json_path: Path | None
     use_nginx: bool
     keep_workdir: bool
+    install: bool = True
+    wait_quiet: float = 0.0
 
     @property
     def delay_ms(self) -> int:
@@ -69,11 +74,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     p.add_argument("--no-nginx", action="store_true", help="use bench/tiny_origin.py as origin")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and process logs")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds for other load on the host to settle (0)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not apt-get install missing wrk/haproxy/nginx (done only as root)")
     a = p.parse_args(argv)
     if a.duration < 1 or a.repeat < 1 or a.connections < 1 or a.rate < 1:
         p.error("--duration, --repeat, --connections and --rate must be >= 1")
     return Options(a.duration, a.warmup, a.connections, a.rate, a.body_size, a.repeat, a.json,
-                   not a.no_nginx, a.keep_workdir)
+                   not a.no_nginx, a.keep_workdir, not a.no_install, a.wait_quiet)
 
 
 class Bench:
@@ -87,6 +96,7 @@ class Bench:
         self.targets: dict[str, Target] = {}
         self.pids: dict[str, int] = {}
         self.origin_desc = ""
+        self.paced_delay = opts.delay_ms
 
     def start(self) -> None:
         """Start meshd, sidecars, origin and HAProxy; wait until every path answers 200."""
@@ -108,23 +118,63 @@ class Bench:
             TWO: Target(TWO, f"http://127.0.0.1:{client.outbound}/", ("Host: origin",)),
         }
 
-    def idle_rss(self) -> dict[str, float]:
-        """VmRSS in MB of the sidecars, HAProxy and meshd (call before any load)."""
-        time.sleep(1.0)
+    def idle_memory(self) -> dict[str, dict[str, float]]:
+        """RSS, PSS and USS in MB of the sidecars, HAProxy and meshd (call before any load)."""
         roles = ("origin-sidecar", "client-sidecar", "haproxy", "meshd")
-        return {r: round(procinfo.rss_mb(self.pids[r]), 1) for r in roles}
+        return {r: procinfo.memory_mb(self.pids[r]) for r in roles}
 
-    def _cpu_window(self, name: str) -> procinfo.CpuWindow:
-        roles = ("origin", *report.PROXY_ROLES.get(name, ()))
-        return procinfo.CpuWindow({r: self.pids[r] for r in roles})
+    @staticmethod
+    def background_load(seconds: float = 2.0) -> float:
+        """Cores busy on the host while nothing is loaded: other users of the machine."""
+        window = procinfo.CpuWindow({})
+        window.start()
+        time.sleep(seconds)
+        return round(window.stop()["host"], 2)
+
+    def wait_quiet(self) -> float:
+        """Background load, after waiting up to ``--wait-quiet`` s for it to drop below
+        ``QUIET_CORES``; prints a warning if it stays above."""
+        deadline = time.monotonic() + self.opts.wait_quiet
+        load = self.background_load()
+        while load > QUIET_CORES and time.monotonic() < deadline:
+            load = self.background_load()
+        if load > QUIET_CORES:
+            print(f"warning: {load:.2f} cores already busy before the bench: results will be "
+                  "noisy (use --repeat, --wait-quiet)", file=sys.stderr)
+        return load
+
+    def _cpu_window(self) -> procinfo.CpuWindow:
+        """A CPU window over every process the bench started (wrk included when it ends)."""
+        return procinfo.CpuWindow(dict(self.pids))
+
+    def calibrate_delay(self) -> int:
+        """The per-connection ``delay()`` that paces the *direct* path to ~``rate`` req/s.
+
+        wrk's timers stretch every cycle beyond ``delay()``. A warm-up against the direct
+        path with the nominal delay measures that overhead (cycle - delay - response time);
+        every target is then paced with ``nominal - overhead`` (whole ms rounded down, so the
+        offered rate is at or a little above ``rate``; at least 1 ms), so
+        they all get the same offered load and a slow target shows as a lower achieved rate.
+        """
+        o = self.opts
+        if o.warmup <= 0:
+            return o.delay_ms
+        warm = run_wrk(self.targets[DIRECT], write_script(self.workdir, o.delay_ms), o.warmup,
+                       o.connections)
+        if not warm.rps:
+            return o.delay_ms
+        overhead = o.connections * 1000 / warm.rps - o.delay_ms - warm.mean_ms
+        nominal = o.connections * 1000 / o.rate
+        self.paced_delay = max(1, min(o.delay_ms, math.floor(nominal - overhead)))
+        return self.paced_delay
 
     def measure(self, name: str, paced: bool) -> tuple[WrkResult, dict[str, float]]:
         """Warm up, then one measured wrk run against ``name`` with its CPU window."""
         o, target = self.opts, self.targets[name]
-        script = write_script(self.workdir, o.delay_ms if paced else None)
+        script = write_script(self.workdir, self.paced_delay if paced else None)
         if o.warmup > 0:
             run_wrk(target, script, o.warmup, o.connections)
-        window = self._cpu_window(name)
+        window = self._cpu_window()
         window.start()
         result = run_wrk(target, script, o.duration, o.connections)
         return result, window.stop()
@@ -142,17 +192,21 @@ def _order(rep: int) -> list[str]:
     return [*TARGET_ORDER[k:], *TARGET_ORDER[:k]]
 
 
-def run_phase(bench: Bench, paced: bool) -> tuple[dict[str, list[WrkResult]], dict[str, list[dict[str, float]]]]:
-    """All targets, ``repeat`` times interleaved; wrk results and CPU windows per target."""
-    results: dict[str, list[WrkResult]] = {n: [] for n in TARGET_ORDER}
-    cpu: dict[str, list[dict[str, float]]] = {n: [] for n in TARGET_ORDER}
+Runs = dict[str, list[WrkResult]]            # target -> one result per repetition
+CpuRuns = dict[str, list[dict[str, float]]]  # target -> vCPU per process, per repetition
+
+
+def run_phase(bench: Bench, paced: bool) -> tuple[Runs, CpuRuns]:
+    """All targets, ``repeat`` times interleaved (rotated order each time): results and CPU."""
+    results: Runs = {n: [] for n in TARGET_ORDER}
+    cpu: CpuRuns = {n: [] for n in TARGET_ORDER}
+    kind = f"paced {bench.paced_delay} ms" if paced else "full load"
     for rep in range(bench.opts.repeat):
         for name in _order(rep):
             res, used = bench.measure(name, paced)
             results[name].append(res)
             cpu[name].append(used)
-            kind = "fixed-rate" if paced else "full load"
-            print(f"  {kind:10} {name:10} {res.rps:9.0f} req/s  p50 {res.p50_ms:.3f} ms  "
+            print(f"  {kind:11} {name:10} {res.rps:7.0f} req/s  p50 {res.p50_ms:.3f} ms  "
                   f"p99 {res.p99_ms:.3f} ms  errors {res.errors + res.bad_status}", file=sys.stderr)
     return results, cpu
 
@@ -162,7 +216,7 @@ def versions(origin: str) -> dict[str, str]:
     import h11
     import trio
     return {
-        "origin": origin, "haproxy": stack.tool_version([shutil.which("haproxy") or "haproxy", "-v"]),
+        "origin": origin, "haproxy": stack.tool_version([stack.find_tool("haproxy") or "haproxy", "-v"]),
         "wrk": stack.tool_version(["wrk", "-v"]), "python": platform.python_version(),
         "trio": trio.__version__, "h11": h11.__version__, "kernel": platform.release(),
         "cpu": _cpu_model(),
@@ -181,18 +235,22 @@ def run_all(bench: Bench) -> dict[str, Any]:
     """Start everything, run both phases, and return the summary (JSON-ready)."""
     o = bench.opts
     bench.start()
-    rss = bench.idle_rss()
+    memory = bench.idle_memory()
+    background = bench.wait_quiet()
     print(f"started; measuring {len(TARGET_ORDER)} targets x {o.repeat} ...", file=sys.stderr)
     full, full_cpu = run_phase(bench, paced=False)
+    delay = bench.calibrate_delay()
     paced, paced_cpu = run_phase(bench, paced=True)
     summary: dict[str, Any] = {
         "config": {"duration": o.duration, "warmup": o.warmup, "connections": o.connections,
-                   "rate": o.rate, "delay_ms": o.delay_ms, "body_size": o.body_size,
-                   "repeat": o.repeat, "wrk_threads": 1},
+                   "rate": o.rate, "nominal_delay_ms": o.delay_ms, "delay_ms": delay,
+                   "body_size": o.body_size, "repeat": o.repeat, "wrk_threads": 1},
         "versions": versions(bench.origin_desc),
-        "throughput": report.summarize_full(full, {n: [c["host"] for c in v] for n, v in full_cpu.items()}),
-        "fixed_rate": report.summarize_paced(paced, paced_cpu),
-        "idle_rss_mb": rss,
+        "throughput": report.summarize_full(full, full_cpu),
+        "fixed_rate": report.summarize_paced(paced, paced_cpu, o.rate),
+        "idle_memory_mb": memory,
+        "idle_rss_mb": {role: m["rss"] for role, m in memory.items()},
+        "background_host_cores": background,
     }
     summary["targets"] = report.target_checks(summary)
     return summary
@@ -204,22 +262,30 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    missing = [t for t in ("wrk", "haproxy") if not (shutil.which(t) or Path(f"/usr/sbin/{t}").exists())]
+    if opts.install:
+        stack.install_missing(["wrk", "haproxy", *(["nginx"] if opts.use_nginx else [])])
+    missing = [t for t in ("wrk", "haproxy") if stack.find_tool(t) is None]
     if missing:
         print(f"missing tools: {', '.join(missing)} (see bench/README.md)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="meshd-bench-"))
     bench = Bench(opts, workdir)
+    keep = opts.keep_workdir
     try:
         summary = run_all(bench)
     except KeyboardInterrupt:
         print("interrupted; stopping every process", file=sys.stderr)
         return 130
+    except Exception:
+        keep = True  # the process logs explain most failures
+        raise
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bench.close()
-        if opts.keep_workdir:
-            print(f"work directory kept: {workdir}", file=sys.stderr)
+        if keep:
+            print(f"work directory (configs, process logs) kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print(report.render(summary))

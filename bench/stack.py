@@ -14,6 +14,7 @@ in the work directory; ``close()`` sends SIGTERM, then SIGKILL after a grace per
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -29,6 +30,31 @@ from meshd.demo.harness import MeshHarness, Sidecar, free_port, wait_until
 HERE = Path(__file__).resolve().parent
 STOP_GRACE = 3.0     # seconds between SIGTERM and SIGKILL
 START_TIMEOUT = 20.0  # seconds for any process to accept connections
+
+
+DEBIAN_PACKAGES = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx"}
+
+
+def find_tool(name: str) -> str | None:
+    """Path of ``name`` on PATH or in /usr/sbin (not on a non-root PATH), else None."""
+    found = shutil.which(name)
+    if found is None and Path(f"/usr/sbin/{name}").exists():
+        found = f"/usr/sbin/{name}"
+    return found
+
+
+def install_missing(tools: list[str]) -> None:
+    """``apt-get install`` the Debian packages of the missing ``tools`` (root with apt only)."""
+    missing = [t for t in tools if find_tool(t) is None]
+    if not missing or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return
+    pkgs = [DEBIAN_PACKAGES[t] for t in missing]
+    print(f"installing {' '.join(pkgs)} with apt-get ...", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=300, check=False,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], env=env, timeout=600, check=False,
+                   stdout=subprocess.DEVNULL)
 
 
 def wait_port(port: int, timeout: float, what: str) -> None:
@@ -85,7 +111,7 @@ def nginx_config(workdir: Path, ports: list[int], body_size: int) -> str:
 def start_origin(procs: Procs, ports: list[int], body_size: int,
                  use_nginx: bool) -> tuple[subprocess.Popen[bytes], str]:
     """Start nginx (or the fallback) listening on ``ports``; returns it and a description."""
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    nginx = find_tool("nginx")
     if use_nginx and nginx:
         conf = procs.workdir / "nginx.conf"
         conf.write_text(nginx_config(procs.workdir, ports, body_size))
@@ -100,6 +126,8 @@ def start_origin(procs: Procs, ports: list[int], body_size: int,
     args = [sys.executable, str(HERE / "tiny_origin.py"), "--size", str(body_size)]
     proc = procs.spawn("tiny-origin", args + [a for p in ports for a in ("--port", str(p))])
     wait_port(ports[0], START_TIMEOUT, "tiny_origin.py")
+    print("warning: origin is tiny_origin.py, not nginx: results are not comparable with "
+          "nginx runs (check that the direct rate stays far above HAProxy's)", file=sys.stderr)
     return proc, "tiny_origin.py (asyncio; nginx unavailable)"
 
 
@@ -116,7 +144,7 @@ def haproxy_config(port: int, origin_port: int) -> str:
 
 def start_haproxy(procs: Procs, port: int, origin_port: int) -> subprocess.Popen[bytes]:
     """Start ``haproxy -db`` (foreground) on ``port`` in front of the origin."""
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    haproxy = find_tool("haproxy") or "haproxy"
     conf = procs.workdir / "haproxy.cfg"
     conf.write_text(haproxy_config(port, origin_port))
     proc = procs.spawn("haproxy", [haproxy, "-db", "-f", str(conf)])
@@ -168,4 +196,5 @@ class Mesh:
         self.harness.close()
 
 
-__all__ = ["Mesh", "Procs", "free_port", "start_haproxy", "start_origin", "tool_version"]
+__all__ = ["Mesh", "Procs", "find_tool", "free_port", "install_missing", "start_haproxy",
+           "start_origin", "tool_version"]

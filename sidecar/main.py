@@ -27,6 +27,7 @@ from sidecar.http.client import UpstreamPool
 from sidecar.http.messages import ConnInfo, Handler
 from sidecar.http.server import serve_http1
 from sidecar.metrics import Metrics
+from sidecar.proxy import health_checks
 from sidecar.proxy.inbound import Inbound
 from sidecar.proxy.outbound import Outbound
 from sidecar.registration import Registration
@@ -66,8 +67,9 @@ async def run(boot: bootstrap.Bootstrap) -> None:
         reg = Registration(boot, client)
         pool_out, pool_in = UpstreamPool(), UpstreamPool()
         async with trio.open_nursery() as nursery:
-            await _listen(nursery, Outbound(boot, state, pool_out, metrics).handle,
-                          boot.outbound_address, boot.outbound_port)
+            outbound = Outbound(boot, state, pool_out, metrics, nursery)
+            await _listen(nursery, outbound.handle, boot.outbound_address, boot.outbound_port)
+            nursery.start_soon(health_checks.run, outbound.runtimes, outbound.sync)
             await _listen(nursery, Inbound(boot, pool_in, metrics).handle,
                           boot.inbound_address, boot.inbound_port)
             await _listen(nursery, Admin(boot.node, state, metrics).handle,

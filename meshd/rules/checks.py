@@ -4,6 +4,8 @@ A problem is ``(path, reason)``: ``path`` is the data path of the offending fiel
 (``("route", 0, "http", 1, "destinations")``), ``reason`` one short sentence. ``validate``
 turns problems into ``ConfigError`` with file, line and dotted field. Nothing here looks at
 other files: references between rules (subsets) are checked on the merged set by ``validate``.
+The traffic-management fields (timeouts, retries, faults, mirroring, rewrites, redirects,
+direct responses, header operations, destination traffic policy) are in ``checks_traffic``.
 
 Rule 1: every check appends and goes on; one pass reports every problem of the file.
 Rule 2: no I/O, no text positions: only the decoded structs.
@@ -14,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from meshd.rules import checks_traffic as traffic
+from meshd.rules.checks_traffic import TOKEN_RE, Path, Problem
 from meshd.rules.schema import (
     DestinationRule,
     EgressRule,
@@ -24,16 +28,13 @@ from meshd.rules.schema import (
     StringMatch,
 )
 
-Path = tuple[str | int, ...]
-Problem = tuple[Path, str]
-
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 NAME_MAX = 253
 _DNS_RE = re.compile(
     r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
 )
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 token
 REGEX_MAX = 1024
+MATCH_KINDS = ("exact", "prefix", "suffix", "regex", "present", "absent")
 WEIGHT_TOTAL = 100
 
 
@@ -67,14 +68,15 @@ def check_name(name: str, path: Path, out: list[Problem]) -> None:
         )
 
 
-def check_host(host: str, path: Path, out: list[Problem]) -> None:
-    """A DNS-ish host name: letters, digits, ``-`` and ``.``, lower case."""
+def check_host(host: str, path: Path, out: list[Problem], what: str = "host") -> None:
+    """A DNS-ish host name: letters, digits, ``-`` and ``.``, lower case; ``what`` names the
+    field in the reason (``"source"`` for a match block's calling service)."""
     if not host:
-        out.append((path, "host must not be empty"))
+        out.append((path, f"{what} must not be empty"))
     elif len(host) > NAME_MAX or not _DNS_RE.fullmatch(host):
-        out.append((path, f'host "{host}" is not a valid DNS name'))
+        out.append((path, f'{what} "{host}" is not a valid DNS name'))
     elif host != host.lower():
-        out.append((path, f'host "{host}" must be lower case ("{host.lower()}")'))
+        out.append((path, f'{what} "{host}" must be lower case ("{host.lower()}")'))
 
 
 def _route(route: RouteRule, path: Path, out: list[Problem]) -> None:
@@ -100,12 +102,15 @@ def _http(http: HTTPRoute, path: Path, out: list[Problem]) -> None:
     for i, match in enumerate(http.match):
         _match(match, (*path, "match", i), out)
     dests = (*path, "destinations")
-    if not http.destinations:
+    if not http.destinations and http.redirect is None and http.direct_response is None:
         out.append((dests, "at least one destination is required"))
     for i, dest in enumerate(http.destinations):
         if dest.host is not None:
             check_host(dest.host, (*dests, i, "host"), out)
     _weights(http, dests, out)
+    if http.mirror is not None and http.mirror.host is not None:
+        check_host(http.mirror.host, (*path, "mirror", "host"), out)
+    traffic.route_policies(http, path, out)
 
 
 def _weights(http: HTTPRoute, path: Path, out: list[Problem]) -> None:
@@ -133,37 +138,64 @@ def _weights(http: HTTPRoute, path: Path, out: list[Problem]) -> None:
 
 
 def _match(match: HTTPMatch, path: Path, out: list[Problem]) -> None:
-    if match.path is not None and _string_match(match.path, (*path, "path"), out):
+    if match.path is not None and _string_match(match.path, (*path, "path"), out, "path"):
         for kind in ("exact", "prefix"):
             value = getattr(match.path, kind)
             if value is not None and not value.startswith("/"):
                 out.append(((*path, "path", kind), f'path {kind} "{value}" must start with "/"'))
-    if match.method is not None and _string_match(match.method, (*path, "method"), out):
-        for kind in ("exact", "prefix"):
+    if match.method is not None and _string_match(match.method, (*path, "method"), out, "method"):
+        for kind in ("exact", "prefix", "suffix"):
             value = getattr(match.method, kind)
-            if value is not None and not (_TOKEN_RE.fullmatch(value) and value == value.upper()):
+            if value is not None and not (TOKEN_RE.fullmatch(value) and value == value.upper()):
                 out.append(
                     (
                         (*path, "method", kind),
                         f'method "{value}" must be an upper-case HTTP token such as "GET"',
                     )
                 )
+    if match.authority is not None:
+        _string_match(match.authority, (*path, "authority"), out, "authority")
     for name, value in match.headers.items():
         here = (*path, "headers", name)
-        if not _TOKEN_RE.fullmatch(name):
+        if not TOKEN_RE.fullmatch(name):
             out.append((here, f'header name "{name}" is not a valid HTTP token'))
         elif name != name.lower():
             out.append((here, f'header name "{name}" must be lower case ("{name.lower()}")'))
         _string_match(value, here, out)
+    for name, value in match.query_params.items():
+        _string_match(value, (*path, "query_params", name), out)
+    if match.source is not None:
+        check_host(match.source, (*path, "source"), out, what="source")
+    traffic.match_extras(match, path, out)
 
 
-def _string_match(match: StringMatch, path: Path, out: list[Problem]) -> bool:
-    """Exactly one of exact/prefix/regex, and a regex that compiles; True when usable."""
-    kinds = [k for k in ("exact", "prefix", "regex") if getattr(match, k) is not None]
+def _string_match(
+    match: StringMatch, path: Path, out: list[Problem], field: str | None = None
+) -> bool:
+    """Exactly one of exact/prefix/suffix/regex/present/absent, a regex that compiles, and
+    ``present``/``absent`` only ``true`` and only where a value may be missing (not for
+    ``field`` path, method or authority: every request has them). True when usable."""
+    kinds = [k for k in MATCH_KINDS if getattr(match, k) is not None]
+    if not kinds and match.invert:
+        out.append(
+            (
+                (*path, "invert"),
+                "invert needs a condition to negate: set one of " + ", ".join(MATCH_KINDS),
+            )
+        )
+        return False
     if len(kinds) != 1:
         got = "none" if not kinds else " and ".join(kinds)
-        out.append((path, f"set exactly one of exact, prefix, regex (got {got})"))
+        out.append((path, f"set exactly one of {', '.join(MATCH_KINDS)} (got {got})"))
         return False
+    (kind,) = kinds
+    if kind in ("present", "absent"):
+        if field is not None:
+            out.append(((*path, kind), f"{kind} makes no sense for {field}: every request has one"))
+            return False
+        if getattr(match, kind) is not True:
+            out.append(((*path, kind), f"{kind} must be true when set"))
+            return False
     if match.regex is None:
         return True
     here = (*path, "regex")
@@ -195,6 +227,7 @@ def _destination(dest: DestinationRule, path: Path, out: list[Problem]) -> None:
         seen.setdefault(subset.name, i)
         if not subset.labels:
             out.append(((*here, "labels"), "a subset needs at least one label"))
+    traffic.destination_policies(dest, path, out)
 
 
 def _egress(egress: EgressRule, path: Path, out: list[Problem]) -> None:

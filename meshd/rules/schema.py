@@ -17,8 +17,9 @@ from typing import Literal
 
 import msgspec
 
-LoadBalancer = Literal["round_robin", "least_request", "random"]
+LoadBalancer = Literal["round_robin", "least_request", "random", "ring_hash", "maglev"]
 KINDS = ("route", "destination", "egress")
+Duration = str  # "250ms", "2s", "1.5m", "1h" — parsed by ``meshd.rules.units.duration``
 
 
 class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -26,19 +27,34 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
 
 
 class StringMatch(_Strict):
-    """Istio StringMatch: exactly one of ``exact``, ``prefix``, ``regex`` (RE2-style, full match)."""
+    """Istio StringMatch: exactly one of ``exact``, ``prefix``, ``suffix``, ``regex`` (full match),
+    ``present = true`` (header/query param exists, any value) or ``absent = true``; ``invert``
+    negates the result (Envoy ``invert_match``)."""
 
     exact: str | None = None
     prefix: str | None = None
+    suffix: str | None = None
     regex: str | None = None
+    present: bool | None = None
+    absent: bool | None = None
+    invert: bool = False
 
 
 class HTTPMatch(_Strict):
-    """One match block; its conditions are ANDed, blocks of a route are ORed (Istio)."""
+    """One match block; its conditions are ANDed, blocks of a route are ORed (Istio).
+
+    ``source`` / ``source_labels`` match the *calling* service (the sidecar doing the routing)
+    and its instance labels, as Istio's ``sourceLabels``; ``port`` is the destination port.
+    """
 
     path: StringMatch | None = None
     method: StringMatch | None = None
+    authority: StringMatch | None = None
     headers: dict[str, StringMatch] = {}
+    query_params: dict[str, StringMatch] = {}
+    port: int | None = None
+    source: str | None = None
+    source_labels: dict[str, str] = {}
 
 
 class RouteDestination(_Strict):
@@ -49,10 +65,78 @@ class RouteDestination(_Strict):
     weight: int | None = None
 
 
+class Retries(_Strict):
+    """Istio HTTPRetry. ``retry_on``: comma list of 5xx, gateway-error, reset, connect-failure,
+    refused-stream, retriable-4xx, retriable-status-codes (with ``retriable_status_codes``)."""
+
+    attempts: int = 2
+    per_try_timeout: Duration | None = None
+    retry_on: str = "connect-failure,refused-stream,reset,gateway-error"
+    retriable_status_codes: list[int] = []
+    backoff: Duration = "25ms"          # Envoy base interval; max is 10x
+    retry_non_idempotent: bool = False
+
+
+class FaultDelay(_Strict):
+    fixed: Duration
+    percentage: float = 100.0
+
+
+class FaultAbort(_Strict):
+    status: int
+    percentage: float = 100.0
+
+
+class Fault(_Strict):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+class Mirror(_Strict):
+    host: str | None = None
+    subset: str | None = None
+    percentage: float = 100.0
+
+
+class Rewrite(_Strict):
+    path_prefix: str | None = None     # replaces the matched path prefix (Istio rewrite.uri)
+    authority: str | None = None
+
+
+class Redirect(_Strict):
+    path: str | None = None
+    authority: str | None = None
+    status: int = 301
+
+
+class DirectResponse(_Strict):
+    status: int
+    body: str = ""
+
+
+class HeaderOps(_Strict):
+    set: dict[str, str] = {}
+    add: dict[str, str] = {}
+    remove: list[str] = []
+
+
+class Headers(_Strict):
+    request: HeaderOps | None = None
+    response: HeaderOps | None = None
+
+
 class HTTPRoute(_Strict):
     name: str = ""
     match: list[HTTPMatch] = []
     destinations: list[RouteDestination] = []
+    timeout: Duration | None = None
+    retries: Retries | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    rewrite: Rewrite | None = None
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    headers: Headers | None = None
 
 
 class RouteRule(_Strict):
@@ -66,11 +150,77 @@ class Subset(_Strict):
     labels: dict[str, str] = {}
 
 
+class ConsistentHash(_Strict):
+    """Hash key for ring_hash/maglev: exactly one of header, cookie, query_param, source_ip."""
+
+    header: str | None = None
+    cookie: str | None = None
+    query_param: str | None = None
+    source_ip: bool | None = None
+    ring_size: int = 1024            # Envoy minimum_ring_size default
+
+
+class ConnectionPool(_Strict):
+    """Istio connectionPool, flattened. Limits per destination (all subsets share them)."""
+
+    max_connections: int = 1024              # Envoy circuit breaker defaults
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+    connect_timeout: Duration = "1s"         # linkerd outbound connect timeout
+    idle_timeout: Duration = "1h"            # Envoy idle_timeout default
+    max_connection_duration: Duration | None = None
+
+
+class OutlierDetection(_Strict):
+    consecutive_5xx: int = 5                 # Envoy defaults
+    consecutive_gateway_errors: int = 0      # 0 = off
+    consecutive_local_origin_failures: int = 5
+    interval: Duration = "10s"
+    base_ejection_time: Duration = "30s"
+    max_ejection_percent: float = 10.0
+    min_health_percent: float = 50.0         # panic threshold (Envoy healthy_panic_threshold)
+
+
+class HealthCheck(_Strict):
+    """Active health checks by each sidecar: HTTP GET ``path`` (2xx = healthy) or TCP connect."""
+
+    path: str | None = None
+    tcp: bool = False
+    interval: Duration = "5s"
+    timeout: Duration = "1s"
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    jitter: Duration = "0s"
+
+
+class RetryBudget(_Strict):
+    """Envoy retry_budget: active retries <= max(min_concurrency, percent of active requests)."""
+
+    percent: float = 20.0
+    min_concurrency: int = 3
+
+
+class Locality(_Strict):
+    """Prefer endpoints in the caller's region/zone labels; fail over by priority (Envoy)."""
+
+    enabled: bool = True
+    region_label: str = "region"
+    zone_label: str = "zone"
+
+
 class DestinationRule(_Strict):
     name: str
     host: str
     load_balancer: LoadBalancer = "round_robin"
     subsets: list[Subset] = []
+    consistent_hash: ConsistentHash | None = None
+    locality: Locality | None = None
+    slow_start: Duration | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    health_check: HealthCheck | None = None
+    retry_budget: RetryBudget | None = None
 
 
 class EgressRule(_Strict):

@@ -23,6 +23,7 @@ import msgspec
 
 from meshd.errors import ConfigError, RuleValidationError
 from meshd.rules.checks import Path, Problem, check_file, dotted, host_taken
+from meshd.rules.checks_traffic import unreachable
 from meshd.rules.locate import line_of
 from meshd.rules.schema import KINDS, Rule, RulesFile
 
@@ -70,7 +71,8 @@ def check_references(
     file: str = "<input>",
     existing_sources: Sources | None = None,
 ) -> list[ConfigError]:
-    """Cross-rule checks of a merged rule set: used subsets exist; one route rule per host.
+    """Cross-rule checks of a merged rule set: used subsets exist (destinations and mirrors;
+    a mirror's host defaults to the rule's host); one route rule per host.
 
     A rule defined in ``text`` (matched by kind and name) is reported as ``file:line`` with its
     index in ``text``; any other rule as ``existing_sources[(kind, name)]`` (else ``file`` when
@@ -81,17 +83,30 @@ def check_references(
     errors: list[ConfigError] = []
     for i, route in enumerate(rules.route):
         for j, http in enumerate(route.http):
-            for k, dest in enumerate(http.destinations):
-                host = dest.host or route.host
-                if dest.subset is not None and (host, dest.subset) not in subsets:
-                    reason = (
-                        f'subset "{dest.subset}" is not defined by any destination rule '
-                        f'for host "{host}"'
-                    )
-                    rest = ("http", j, "destinations", k, "subset")
+            used: list[tuple[Path, str | None, str | None]] = [
+                (("http", j, "destinations", k, "subset"), dest.host, dest.subset)
+                for k, dest in enumerate(http.destinations)
+            ]
+            if http.mirror is not None:
+                used.append((("http", j, "mirror", "subset"), http.mirror.host, http.mirror.subset))
+            for rest, dest_host, subset in used:
+                host = dest_host or route.host
+                if subset is not None and (host, subset) not in subsets:
+                    reason = f'subset "{subset}" is not defined by any destination rule for host "{host}"'
                     errors.append(origin.error("route", route.name, i, rest, reason))
     errors += _host_conflicts(rules, origin)
     return errors
+
+
+def warnings(rules: RulesFile, text: str, file: str) -> list[ConfigError]:
+    """Problems that do not reject a push but surely are mistakes, for ``rule push --dry-run``:
+    routes after a catch-all route of the same rule and match blocks identical to an earlier
+    one (first match wins, so they never decide a request). Sorted by line.
+
+    ``rules`` is the file's own ``RulesFile`` (as ``parse_rules(text)`` or ``validate_push``'s
+    ``pushed`` returns it), so indices and lines refer to ``text``.
+    """
+    return _located(unreachable(rules), text, file)
 
 
 def merge(existing: RulesFile, pushed: RulesFile) -> RulesFile:

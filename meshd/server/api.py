@@ -12,11 +12,18 @@ POST       /v1/rules?file=NAME&dry_run=1             body: TOML text; 200 change
 GET        /v1/rules                                 ``{"rules": RulesFile, "sources": {...}}``
 GET        /v1/rules/{kind}/{name}                   one rule; 404
 DELETE     /v1/rules/{kind}/{name}                   404 unknown, 400 still referenced
-GET        /v1/rules/history                         recent pushes/deletes
+GET        /v1/rules/history?limit=N                 ``{"revision": live, "history": [entry...]}``
+GET        /v1/rules/history/{rev}                   ``{"revision", "rules", "sources", "entry"}``; 404
+GET        /v1/rules/diff?from=A&to=B                changes + unified diff (``to``: live); 404
+POST       /v1/rules/rollback/{rev}                  rev's rules as a new revision; 404 / 400
 GET        /v1/snapshot/{node}?version=&wait=&...    long-poll: 200 snapshot, 304 unchanged
 POST       /v1/snapshot/{node}/ack                   ``{"version": str, "error": str|null}``
 GET        /v1/proxy-status                          intended vs applied version per sidecar
 =========  ========================================  ============================================
+
+Rule pushes, deletes and rollbacks record the ``x-meshd-author`` request header (UTF-8,
+percent-encoded; the CLI sends ``$USER@host`` or ``--author``) in the rule history. It is
+informational, not authenticated: anyone holding the join token can claim any name.
 
 Auth: when meshd runs with a join token, every /v1 call needs ``Authorization: Bearer <token>``
 (401 otherwise), as Consul's ``X-Consul-Token`` guards its agent API.
@@ -25,6 +32,7 @@ Auth: when meshd runs with a join token, every /v1 call needs ``Authorization: B
 from __future__ import annotations
 
 import hmac
+import urllib.parse
 
 import msgspec
 from starlette.applications import Starlette
@@ -40,6 +48,8 @@ from registry.model import Instance
 
 MAX_LONG_POLL = 300.0  # seconds; Consul blocking queries cap wait at 10 min, default 5 min
 MAX_RULES_BYTES = 1024 * 1024
+MAX_HISTORY = 1000  # entries per /v1/rules/history call
+AUTHOR_MAX = 128    # characters kept of x-meshd-author
 
 
 def _json(data: object, status: int = 200) -> Response:
@@ -55,6 +65,17 @@ def _int(q: dict[str, str] | object, key: str) -> int:
         return int(q.get(key, 0))  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return 0
+
+
+def _author(request: Request) -> str:
+    """``x-meshd-author``, percent-decoded, printable characters only, at most AUTHOR_MAX."""
+    raw = request.headers.get("x-meshd-author", "")
+    try:  # raw UTF-8 bytes as curl sends them (Starlette decodes headers as latin-1)
+        raw = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass
+    raw = urllib.parse.unquote(raw, errors="replace")
+    return "".join(ch for ch in raw if ch.isprintable())[:AUTHOR_MAX].strip()
 
 
 def build_app(cp: ControlPlane, token: str = "") -> Starlette:
@@ -107,7 +128,8 @@ def build_app(cp: ControlPlane, token: str = "") -> Starlette:
         except UnicodeDecodeError:
             return _error(f"{file}: not UTF-8 text", 400)
         try:
-            result = cp.push_rules(text, file, request.query_params.get("dry_run") == "1")
+            result = cp.push_rules(text, file, request.query_params.get("dry_run") == "1",
+                                   author=_author(request))
         except RuleValidationError as exc:
             return _error("rules rejected", 400, exc.errors)
         except ConfigError as exc:
@@ -131,12 +153,50 @@ def build_app(cp: ControlPlane, token: str = "") -> Starlette:
         if _find(kind, name) is None:
             return _error(f"no {kind} rule named {name!r}", 404)
         try:
-            return _json(cp.delete_rule(kind, name))
+            return _json(cp.delete_rule(kind, name, author=_author(request)))
         except RuleValidationError as exc:
             return _error("delete rejected", 400, exc.errors)
 
     async def history(request: Request) -> Response:
-        return _json({"history": cp.store.history()})
+        limit = request.query_params.get("limit", "50")
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_HISTORY:
+            return _error(f"limit must be a number from 1 to {MAX_HISTORY}", 400)
+        return _json({"revision": cp.revision, "history": cp.store.history(int(limit))})
+
+    async def revision(request: Request) -> Response:
+        rev: int = request.path_params["rev"]
+        try:
+            stored = cp.rules_at(rev)
+        except KeyError:
+            return _error(f"no rule revision {rev}", 404)
+        except ConfigError as exc:
+            return _error(str(exc), 500)
+        return _json({"revision": rev, "rules": stored.rules, "sources": stored.sources,
+                      "entry": stored.entry})
+
+    async def rule_diff(request: Request) -> Response:
+        q = request.query_params
+        try:
+            a, b = int(q["from"]), (int(q["to"]) if q.get("to") else None)
+        except (KeyError, ValueError):
+            return _error("want from=REV and optionally to=REV (default: the live revision)", 400)
+        try:
+            return _json(cp.rule_diff(a, b))
+        except KeyError as exc:
+            return _error(str(exc.args[0]), 404)
+        except ConfigError as exc:
+            return _error(str(exc), 500)
+
+    async def rollback(request: Request) -> Response:
+        rev: int = request.path_params["rev"]
+        try:
+            return _json(cp.rollback(rev, author=_author(request)))
+        except KeyError:
+            return _error(f"no rule revision {rev}", 404)
+        except RuleValidationError as exc:
+            return _error(f"rollback to {rev} rejected", 400, exc.errors)
+        except ConfigError as exc:
+            return _error(f"rollback to {rev} rejected", 400, [exc])
 
     async def snapshot(request: Request) -> Response:
         q = request.query_params
@@ -181,6 +241,9 @@ def build_app(cp: ControlPlane, token: str = "") -> Starlette:
         Route("/v1/rules", guard(push_rules), methods=["POST"]),
         Route("/v1/rules", guard(list_rules), methods=["GET"]),
         Route("/v1/rules/history", guard(history)),
+        Route("/v1/rules/history/{rev:int}", guard(revision)),
+        Route("/v1/rules/diff", guard(rule_diff)),
+        Route("/v1/rules/rollback/{rev:int}", guard(rollback), methods=["POST"]),
         Route("/v1/rules/{kind}/{name}", guard(get_rule), methods=["GET"]),
         Route("/v1/rules/{kind}/{name}", guard(delete_rule), methods=["DELETE"]),
         Route("/v1/snapshot/{node}", guard(snapshot)),

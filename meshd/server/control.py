@@ -7,7 +7,10 @@ changed, under version ``(epoch, counter)``. The epoch is taken from the store a
 restarted meshd never re-issues a version number.
 
 A rule push is validated whole (schema, semantics, references, then a trial compile checked
-for consistency) before anything is stored: a rejected push changes nothing.
+for consistency) before anything is stored: a rejected push changes nothing. Every accepted
+push, delete and rollback is a numbered revision in the store's rule history (with author and
+changes); ``rollback(rev)`` re-validates revision ``rev``'s full rule set and stores it as a new
+revision, so history only ever grows.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import trio
 
 from meshd.errors import ConfigError, RuleValidationError
 from meshd.rules import validate as rv
+from meshd.rules.checks import check_file, dotted
 from meshd.rules.schema import RulesFile
+from meshd.server import rulediff
 from meshd.server.cache import SnapshotCache
 from meshd.snapshot.compile import MeshConfig, NodeInfo, compile_mesh, for_node, listeners
 from meshd.snapshot.consistency import consistency_errors
 from meshd.snapshot.model import Version
-from meshd.store.base import Store, source_key
+from meshd.store.base import HistoryEntry, Store, StoredRevision, source_key
 from registry.builtin import BuiltinRegistry
 from registry.model import Instance
 
@@ -41,6 +46,7 @@ class ControlPlane:
         stored = store.load_rules()
         self.rules: RulesFile = stored.rules
         self.sources: dict[str, str] = dict(stored.sources)
+        self.revision = stored.revision  # rule-history revision of the live rules (0 = none yet)
         self.registry = BuiltinRegistry()
         self.cache = SnapshotCache()
         self._mesh: MeshConfig | None = None
@@ -92,8 +98,13 @@ class ControlPlane:
         if problems:
             raise RuleValidationError([ConfigError(p, file=file) for p in problems])
 
-    def push_rules(self, text: str, file: str, dry_run: bool = False) -> dict[str, object]:
-        """Validate and apply a rules file; raises RuleValidationError (nothing changed)."""
+    def push_rules(self, text: str, file: str, dry_run: bool = False,
+                   author: str = "") -> dict[str, object]:
+        """Validate and apply a rules file; raises RuleValidationError (nothing changed).
+
+        Returns ``{"changes": [[action, kind, name], ...], "dry_run": bool, "version": str}``
+        plus ``"revision": int`` when something was stored (no changes = no new revision).
+        """
         pushed, merged = rv.validate_push(text, file, self.rules, self._source_tuples())
         self._check_compiles(merged, file)
         changes = [c for c in rv.diff(self.rules, merged)]
@@ -105,25 +116,79 @@ class ControlPlane:
         for kind in ("route", "destination", "egress"):
             for rule in getattr(pushed, kind):
                 sources[source_key(kind, rule.name)] = file
-        result["revision"] = self.store.save_rules(merged, sources, "push", file, changes)
-        self.rules, self.sources = merged, sources
-        self.rebuild()
+        result["revision"] = self._commit(merged, sources, "push", file, changes, author)
         result["version"] = str(self.version)
         return result
 
-    def delete_rule(self, kind: str, name: str) -> dict[str, object]:
-        """Remove one rule; raises KeyError if absent, RuleValidationError if still referenced."""
+    def delete_rule(self, kind: str, name: str, author: str = "") -> dict[str, object]:
+        """Remove one rule: ``{"revision": int, "version": str}``.
+
+        Raises KeyError if absent, RuleValidationError if still referenced (nothing changed).
+        """
         merged = rv.remove(self.rules, kind, name)
         errors = rv.check_references(merged, existing_sources=self._source_tuples())
         if errors:
             raise RuleValidationError(errors)
         self._check_compiles(merged, "<delete>")
         sources = {k: v for k, v in self.sources.items() if k != source_key(kind, name)}
-        revision = self.store.save_rules(merged, sources, "delete", "<cli>",
-                                         [("delete", kind, name)])
-        self.rules, self.sources = merged, sources
-        self.rebuild()
+        revision = self._commit(merged, sources, "delete", "<cli>", [("delete", kind, name)], author)
         return {"revision": revision, "version": str(self.version)}
+
+    def rules_at(self, rev: int) -> StoredRevision:
+        """The full rule set of revision ``rev``; 0 is the empty set before the first push.
+
+        Raises KeyError (no such revision), ConfigError (stored by a meshd whose schema differs).
+        """
+        if not 0 <= rev <= self.revision:  # the live revision is always the newest one
+            raise KeyError(f"no rule revision {rev}")
+        if rev == 0:
+            return StoredRevision(RulesFile(), {}, HistoryEntry(0, 0.0, "", "", []))
+        return self.store.revision(rev)
+
+    def rule_diff(self, a: int, b: int | None = None) -> dict[str, object]:
+        """What changes from revision ``a`` to ``b`` (None = the live rules).
+
+        Returns ``{"from": a, "to": int, "changes": [[action, kind, name], ...], "diff": str}``,
+        ``diff`` a unified diff per changed rule (``rulediff.unified``). Raises as ``rules_at``.
+        """
+        old = self.rules_at(a).rules
+        to, new = (self.revision, self.rules) if b is None else (b, self.rules_at(b).rules)
+        return {"from": a, "to": to, "changes": [list(c) for c in rv.diff(old, new)],
+                "diff": rulediff.unified(old, new, str(a), str(to))}
+
+    def rollback(self, rev: int, author: str = "") -> dict[str, object]:
+        """Make revision ``rev``'s rule set live again, stored as a new revision (action
+        "rollback", file "rollback to REV"); a rollback to the live state stores nothing.
+
+        The rule set is checked as a push is (semantics, references, trial compile) since the
+        registry and the validator may have changed since it was stored. Returns
+        ``{"changes": [[action, kind, name], ...], "target": rev, "revision": int, "version": str}``.
+        Raises KeyError (no such revision), RuleValidationError (invalid today; nothing changed).
+        """
+        target = self.rules_at(rev)
+        file = f"rollback to {rev}"
+        errors = [ConfigError(reason, file=file, field=dotted(path))
+                  for path, reason in check_file(target.rules)]
+        errors += rv.check_references(target.rules, file=file)
+        if errors:
+            raise RuleValidationError(errors)
+        self._check_compiles(target.rules, file)
+        changes = rv.diff(self.rules, target.rules)
+        result: dict[str, object] = {"changes": [list(c) for c in changes], "target": rev,
+                                     "revision": self.revision}
+        if changes:
+            result["revision"] = self._commit(target.rules, dict(target.sources), "rollback",
+                                              file, changes, author)
+        result["version"] = str(self.version)
+        return result
+
+    def _commit(self, rules: RulesFile, sources: dict[str, str], action: str, file: str,
+                changes: list[tuple[str, str, str]], author: str) -> int:
+        """Store a validated rule set as a new revision, make it live and publish it."""
+        revision = self.store.save_rules(rules, sources, action, file, changes, author=author)
+        self.rules, self.sources, self.revision = rules, sources, revision
+        self.rebuild()
+        return revision
 
     def _source_tuples(self) -> dict[tuple[str, str], str]:
         return {tuple(k.split("/", 1)): v for k, v in self.sources.items()}  # type: ignore[misc]

@@ -15,10 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from meshd.rules import schema as rs
+from meshd.rules.units import duration, optional_duration
 from meshd.snapshot import model as sm
+from meshd.snapshot.routes import virtual_hosts
 from registry.model import Instance
 
-DEFAULT_ROUTE = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,53 +44,45 @@ class MeshConfig:
     egress: tuple[sm.EgressEntry, ...]
 
 
-def _string(m: rs.StringMatch | None) -> sm.StringMatch | None:
-    return None if m is None else sm.StringMatch(exact=m.exact, prefix=m.prefix, regex=m.regex)
-
-
-def _match(m: rs.HTTPMatch) -> sm.RouteMatch:
-    headers = tuple(
-        sm.HeaderMatch(name=k.lower(), match=_string(v))  # type: ignore[arg-type]
-        for k, v in sorted(m.headers.items())
-    )
-    return sm.RouteMatch(path=_string(m.path), method=_string(m.method), headers=headers)
-
-
-def _route(rule: rs.RouteRule, i: int, http: rs.HTTPRoute) -> sm.Route:
-    clusters = tuple(
-        sm.WeightedCluster(
-            cluster=sm.cluster_name((d.host or rule.host).lower(), d.subset or ""),
-            weight=100 if d.weight is None else d.weight,
-        )
-        for d in http.destinations
-    )
-    return sm.Route(name=http.name or f"{rule.name}-{i}", matches=tuple(_match(m) for m in http.match),
-                    clusters=clusters)
-
-
-def _default_vhost(host: str) -> sm.VirtualHost:
-    route = sm.Route(name=DEFAULT_ROUTE, matches=(),
-                     clusters=(sm.WeightedCluster(cluster=sm.cluster_name(host), weight=100),))
-    return sm.VirtualHost(host=host, routes=(route,))
-
-
-def _virtual_hosts(rules: rs.RulesFile, services: Iterable[str]) -> list[sm.VirtualHost]:
-    routed = {r.host.lower(): r for r in rules.route}
-    hosts = sorted(set(services) | set(routed))
-    out = []
-    for host in hosts:
-        rule = routed.get(host)
-        if rule is None:
-            out.append(_default_vhost(host))
-        else:
-            routes = tuple(_route(rule, i, h) for i, h in enumerate(rule.http))
-            out.append(sm.VirtualHost(host=host, routes=routes))
-    return out
-
-
 def _endpoint(inst: Instance) -> sm.Endpoint:
     return sm.Endpoint(address=inst.address, port=inst.port, instance_id=inst.instance_id,
                        labels=dict(inst.labels))
+
+
+def _cluster(name: str, host: str, subset: str, dest: rs.DestinationRule | None) -> sm.Cluster:
+    if dest is None:
+        return sm.Cluster(name=name, host=host, subset=subset)
+    ch, pool, od, hc = (dest.consistent_hash, dest.connection_pool, dest.outlier_detection,
+                        dest.health_check)
+    pool = pool or rs.ConnectionPool()
+    return sm.Cluster(
+        name=name, host=host, subset=subset, lb_policy=dest.load_balancer,
+        hash_policy=sm.HashPolicy(header=ch.header and ch.header.lower(), cookie=ch.cookie,
+                                  query_param=ch.query_param, source_ip=bool(ch.source_ip),
+                                  ring_size=ch.ring_size) if ch else None,
+        locality=sm.Locality(region_label=dest.locality.region_label,
+                             zone_label=dest.locality.zone_label)
+        if dest.locality and dest.locality.enabled else None,
+        slow_start=optional_duration(dest.slow_start),
+        circuit_breakers=sm.CircuitBreakers(
+            max_connections=pool.max_connections, max_pending_requests=pool.max_pending_requests,
+            max_requests=pool.max_requests, max_retries=pool.max_retries),
+        outlier=sm.OutlierDetection(
+            consecutive_5xx=od.consecutive_5xx, consecutive_gateway_errors=od.consecutive_gateway_errors,
+            consecutive_local_origin_failures=od.consecutive_local_origin_failures,
+            interval=duration(od.interval), base_ejection_time=duration(od.base_ejection_time),
+            max_ejection_percent=od.max_ejection_percent, min_health_percent=od.min_health_percent)
+        if od else None,
+        health_check=sm.HealthCheck(
+            path=hc.path, tcp=hc.tcp, interval=duration(hc.interval), timeout=duration(hc.timeout),
+            healthy_threshold=hc.healthy_threshold, unhealthy_threshold=hc.unhealthy_threshold,
+            jitter=duration(hc.jitter)) if hc else None,
+        retry_budget=sm.RetryBudget(percent=dest.retry_budget.percent,
+                                    min_concurrency=dest.retry_budget.min_concurrency)
+        if dest.retry_budget else None,
+        connect_timeout=duration(pool.connect_timeout), idle_timeout=duration(pool.idle_timeout),
+        max_connection_duration=optional_duration(pool.max_connection_duration),
+    )
 
 
 def _clusters(rules: rs.RulesFile, vhosts: Sequence[sm.VirtualHost], instances: Sequence[Instance],
@@ -100,14 +93,14 @@ def _clusters(rules: rs.RulesFile, vhosts: Sequence[sm.VirtualHost], instances: 
     policies = {d.host.lower(): d for d in rules.destination}
     wanted = {sm.cluster_name(v.host) for v in vhosts}
     wanted |= {c.cluster for v in vhosts for r in v.routes for c in r.clusters}
+    wanted |= {r.mirror.cluster for v in vhosts for r in v.routes if r.mirror}
     clusters, endpoints = [], []
     for name in sorted(wanted):
         _, subset, host = name.split("|", 2)
         dest = policies.get(host)
         labels = next((s.labels for s in dest.subsets if s.name == subset), {}) if dest else {}
         members = [i for i in by_host.get(host, []) if labels.items() <= i.labels.items()]
-        lb = dest.load_balancer if dest else "round_robin"
-        clusters.append(sm.Cluster(name=name, host=host, subset=subset, lb_policy=lb))
+        clusters.append(_cluster(name, host, subset, dest))
         eps = tuple(_endpoint(i) for i in sorted(members, key=lambda i: i.instance_id))
         endpoints.append(sm.ClusterEndpoints(cluster=name, endpoints=eps))
     return clusters, endpoints
@@ -125,7 +118,7 @@ def _egress(rules: rs.RulesFile) -> tuple[sm.EgressEntry, ...]:
 
 def compile_mesh(rules: rs.RulesFile, instances: Sequence[Instance]) -> MeshConfig:
     """Shared snapshot content for the merged rule set and the merged registry view."""
-    vhosts = _virtual_hosts(rules, {i.service.lower() for i in instances})
+    vhosts = virtual_hosts(rules, {i.service.lower() for i in instances})
     clusters, endpoints = _clusters(rules, vhosts, instances)
     return MeshConfig(tuple(vhosts), tuple(clusters), tuple(endpoints), _egress(rules))
 

@@ -1,9 +1,10 @@
 """Snapshot consistency, checked before meshd publishes and again before a sidecar applies.
 
 Follows go-control-plane's ``Snapshot.Consistent()``: every cluster a route names exists,
-every cluster has an endpoint assignment (possibly empty), names are unique, weights of each
-route sum to 100, each string match sets exactly one of exact/prefix/regex and every regex
-compiles, listener ports are distinct. Returns a list of human-readable problems; empty means
+every cluster has an endpoint assignment (possibly empty), names are unique, each route has
+exactly one action (weighted clusters summing to 100, a redirect, or a direct response), mirror
+clusters exist, each string match sets exactly one kind and every regex compiles, listener
+ports are distinct. Returns a list of human-readable problems; empty means
 consistent. Pure code.
 """
 
@@ -19,9 +20,9 @@ TOTAL_WEIGHT = 100  # Istio: destination weights of one route sum to 100
 def _string_problems(m: StringMatch | None, where: str) -> list[str]:
     if m is None:
         return []
-    set_ = [x for x in (m.exact, m.prefix, m.regex) if x is not None]
+    set_ = [x for x in (m.exact, m.prefix, m.suffix, m.regex, m.present, m.absent) if x is not None]
     if len(set_) != 1:
-        return [f"{where}: exactly one of exact/prefix/regex must be set"]
+        return [f"{where}: exactly one of exact/prefix/suffix/regex/present/absent must be set"]
     if m.regex is not None:
         try:
             re.compile(m.regex)
@@ -35,8 +36,11 @@ def _route_problems(snap: Snapshot, clusters: set[str]) -> list[str]:
     for vh in snap.virtual_hosts:
         for route in vh.routes:
             where = f"virtual_host {vh.host} route {route.name}"
-            if not route.clusters:
-                problems.append(f"{where}: no clusters")
+            actions = [a for a in (route.clusters, route.redirect, route.direct_response) if a]
+            if len(actions) != 1:
+                problems.append(f"{where}: needs exactly one of clusters/redirect/direct_response")
+            if route.mirror and route.mirror.cluster not in clusters:
+                problems.append(f"{where}: unknown mirror cluster {route.mirror.cluster}")
             total = sum(c.weight for c in route.clusters)
             if route.clusters and total != TOTAL_WEIGHT:
                 problems.append(f"{where}: weights sum to {total}, must be {TOTAL_WEIGHT}")
@@ -45,8 +49,9 @@ def _route_problems(snap: Snapshot, clusters: set[str]) -> list[str]:
             for i, m in enumerate(route.matches):
                 problems += _string_problems(m.path, f"{where} match[{i}].path")
                 problems += _string_problems(m.method, f"{where} match[{i}].method")
-                for h in m.headers:
-                    problems += _string_problems(h.match, f"{where} match[{i}].headers.{h.name}")
+                problems += _string_problems(m.authority, f"{where} match[{i}].authority")
+                for h in (*m.headers, *m.query_params):
+                    problems += _string_problems(h.match, f"{where} match[{i}].{h.name}")
     return problems
 
 

@@ -42,11 +42,15 @@ class Version(_Frozen, array_like=True, order=True):
 
 
 class StringMatch(_Frozen):
-    """Exactly one of exact/prefix/regex is set (checked at compile time)."""
+    """Exactly one of exact/prefix/suffix/regex/present/absent is set (checked at compile)."""
 
     exact: str | None = None
     prefix: str | None = None
+    suffix: str | None = None
     regex: str | None = None
+    present: bool | None = None
+    absent: bool | None = None
+    invert: bool = False
 
 
 class HeaderMatch(_Frozen):
@@ -57,7 +61,12 @@ class HeaderMatch(_Frozen):
 class RouteMatch(_Frozen):
     path: StringMatch | None = None
     method: StringMatch | None = None
+    authority: StringMatch | None = None
     headers: tuple[HeaderMatch, ...] = ()
+    query_params: tuple[HeaderMatch, ...] = ()
+    port: int | None = None
+    source: str | None = None
+    source_labels: dict[str, str] = {}
 
 
 class WeightedCluster(_Frozen):
@@ -65,12 +74,64 @@ class WeightedCluster(_Frozen):
     weight: int
 
 
+class RetryPolicy(_Frozen):
+    """Seconds for times. ``retry_on`` is a tuple of Envoy retry conditions."""
+
+    attempts: int
+    per_try_timeout: float | None = None
+    retry_on: tuple[str, ...] = ()
+    retriable_status_codes: tuple[int, ...] = ()
+    backoff_base: float = 0.025       # Envoy base_interval 25 ms; max interval = 10 x base
+    retry_non_idempotent: bool = False
+
+
+class FaultPolicy(_Frozen):
+    delay: float | None = None        # seconds
+    delay_percentage: float = 0.0     # 0..100
+    abort_status: int | None = None
+    abort_percentage: float = 0.0
+
+
+class MirrorPolicy(_Frozen):
+    cluster: str
+    percentage: float = 100.0
+
+
+class HeaderOps(_Frozen):
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+class Redirect(_Frozen):
+    path: str | None = None
+    authority: str | None = None
+    status: int = 301
+
+
+class DirectResponse(_Frozen):
+    status: int
+    body: str = ""
+
+
 class Route(_Frozen):
-    """A route matches if any of ``matches`` matches (empty tuple = match all)."""
+    """A route matches if any of ``matches`` matches (empty tuple = match all). Exactly one of
+    ``clusters``, ``redirect``, ``direct_response`` carries the action."""
 
     name: str
     matches: tuple[RouteMatch, ...]
     clusters: tuple[WeightedCluster, ...]
+    timeout: float | None = None      # seconds until response headers; None = no limit
+    retry: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    mirror: MirrorPolicy | None = None
+    prefix_rewrite: str | None = None
+    matched_prefix: str | None = None  # the path prefix the rewrite replaces
+    authority_rewrite: str | None = None
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
 
 
 class VirtualHost(_Frozen):
@@ -78,11 +139,70 @@ class VirtualHost(_Frozen):
     routes: tuple[Route, ...]
 
 
+class HashPolicy(_Frozen):
+    header: str | None = None
+    cookie: str | None = None
+    query_param: str | None = None
+    source_ip: bool = False
+    ring_size: int = 1024
+
+
+class CircuitBreakers(_Frozen):
+    """Envoy cluster circuit_breakers thresholds (defaults 1024/1024/1024/3)."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+class OutlierDetection(_Frozen):
+    """Seconds for times, percentages 0..100 (Envoy outlier_detection)."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_errors: int = 0
+    consecutive_local_origin_failures: int = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: float = 10.0
+    min_health_percent: float = 50.0
+
+
+class HealthCheck(_Frozen):
+    path: str | None = None
+    tcp: bool = False
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    jitter: float = 0.0
+
+
+class RetryBudget(_Frozen):
+    percent: float = 20.0
+    min_concurrency: int = 3
+
+
+class Locality(_Frozen):
+    region_label: str = "region"
+    zone_label: str = "zone"
+
+
 class Cluster(_Frozen):
     name: str
     host: str
     subset: str
     lb_policy: str = "round_robin"
+    hash_policy: HashPolicy | None = None
+    locality: Locality | None = None
+    slow_start: float | None = None        # seconds of warm-up for new endpoints
+    circuit_breakers: CircuitBreakers = CircuitBreakers()
+    outlier: OutlierDetection | None = None
+    health_check: HealthCheck | None = None
+    retry_budget: RetryBudget | None = None
+    connect_timeout: float = 1.0           # seconds (linkerd outbound default)
+    idle_timeout: float = 3600.0           # seconds (Envoy default 1 h)
+    max_connection_duration: float | None = None
 
 
 class Endpoint(_Frozen):

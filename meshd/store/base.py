@@ -27,11 +27,22 @@ class StoredRules(msgspec.Struct, frozen=True):
 
 
 class HistoryEntry(msgspec.Struct, frozen=True):
+    """One accepted change of the rule set: revision ``revision`` is the state right after it."""
+
     revision: int
     at: float                # unix seconds
-    action: str              # "push" | "delete"
-    file: str
-    changes: list[tuple[str, str, str]]  # (action, kind, name)
+    action: str              # "push" | "delete" | "rollback"
+    file: str                # pushed file, "<cli>" for a delete, "rollback to N" for a rollback
+    changes: list[tuple[str, str, str]]  # (action, kind, name), action in create/update/delete
+    author: str = ""         # who asked (x-meshd-author header); "" before schema 2
+
+
+class StoredRevision(msgspec.Struct, frozen=True):
+    """The complete rule set as it was right after history entry ``entry``."""
+
+    rules: RulesFile
+    sources: dict[str, str]  # "kind/name" -> file name
+    entry: HistoryEntry
 
 
 class Store(Protocol):
@@ -42,11 +53,19 @@ class Store(Protocol):
     def load_rules(self) -> StoredRules: ...
 
     def save_rules(self, rules: RulesFile, sources: dict[str, str], action: str, file: str,
-                   changes: list[tuple[str, str, str]]) -> int:
-        """Atomically replace the live rule set and append a history entry; returns the revision."""
+                   changes: list[tuple[str, str, str]], *, author: str = "") -> int:
+        """Atomically replace the live rule set and append a history entry; returns the revision
+        (1, 2, ... in order, never reused)."""
         ...
 
-    def history(self, limit: int = 50) -> list[HistoryEntry]: ...
+    def history(self, limit: int = 50) -> list[HistoryEntry]:
+        """The newest ``limit`` entries, newest first."""
+        ...
+
+    def revision(self, rev: int) -> StoredRevision:
+        """The full rule set of revision ``rev``; raises ``KeyError`` if there is no such
+        revision, ``ConfigError`` if it no longer decodes with this meshd's schema."""
+        ...
 
     def load_instances(self) -> list[Instance]: ...
 

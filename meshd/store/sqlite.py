@@ -1,10 +1,14 @@
 """The embedded default store: one SQLite file ``<data-dir>/meshd.db`` (WAL mode).
 
 Tables: ``meta`` (schema version, epoch), ``rules`` (the live rule set as one JSON document,
-replaced in one transaction), ``rule_history`` (every push/delete with the full resulting rule
-set, the seam for ``rule history``/``rollback``), ``instances`` (built-in registry).
-A push either commits whole or not at all (one transaction), so a crash never leaves half a
-rule set. ``sqlite3.Error`` is mapped to ``ConfigError`` naming the file.
+replaced in one transaction), ``rule_history`` (every push/delete/rollback with its author, its
+changes and the full resulting rule set: ``rule history``/``diff``/``rollback``), ``instances``
+(built-in registry). A push either commits whole or not at all (one transaction), so a crash
+never leaves half a rule set. ``sqlite3.Error`` is mapped to ``ConfigError`` naming the file.
+
+Schema versions: 1 = first release; 2 adds ``rule_history.author``. A version-1 file is
+migrated in place when opened (one transaction; old entries get author ``""``); a file of a
+newer version than this meshd is refused.
 """
 
 from __future__ import annotations
@@ -14,21 +18,23 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from meshd.errors import ConfigError
 from meshd.rules.schema import RulesFile
-from meshd.store.base import HistoryEntry, StoredRules
+from meshd.store.base import HistoryEntry, StoredRevision, StoredRules
 from registry.model import Instance
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (id INTEGER PRIMARY KEY CHECK (id = 1), body BLOB NOT NULL,
                                   revision INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rule_history (revision INTEGER PRIMARY KEY, at REAL NOT NULL,
-    action TEXT NOT NULL, file TEXT NOT NULL, changes BLOB NOT NULL, body BLOB NOT NULL);
+    action TEXT NOT NULL, file TEXT NOT NULL, changes BLOB NOT NULL, body BLOB NOT NULL,
+    author TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, body BLOB NOT NULL);
 """
 
@@ -36,6 +42,16 @@ CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, body BLOB NOT NULL);
 class _RulesDoc(msgspec.Struct):
     rules: RulesFile
     sources: dict[str, str]
+
+
+_ENTRY_COLUMNS = "revision, at, action, file, changes, author"
+
+
+def _entry(row: Any) -> HistoryEntry:
+    """A ``HistoryEntry`` from a sqlite3 row starting with ``_ENTRY_COLUMNS``."""
+    changes = msgspec.json.decode(row[4], type=list[tuple[str, str, str]])
+    return HistoryEntry(revision=int(row[0]), at=float(row[1]), action=str(row[2]),
+                        file=str(row[3]), changes=changes, author=str(row[5]))
 
 
 class SqliteStore:
@@ -71,13 +87,19 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     def _check_schema(self) -> None:
-        found = self._meta("schema")
-        if found is None:
-            with self._tx() as db:
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(found) > SCHEMA_VERSION:
+        """Stamp a new file, migrate an older one in place, refuse a newer one."""
+        found = self._meta("schema") or "0"
+        if not found.isdigit():
+            raise ConfigError(f"store schema {found!r} is not a version number", file=str(self.path))
+        if int(found) > SCHEMA_VERSION:
             raise ConfigError(f"store schema {found} is newer than this meshd ({SCHEMA_VERSION})",
                               file=str(self.path))
+        if int(found) < SCHEMA_VERSION:
+            with self._tx() as db:  # checked inside the transaction: safe if two open at once
+                columns = {row[1] for row in db.execute("PRAGMA table_info(rule_history)")}
+                if "author" not in columns:  # 1 -> 2
+                    db.execute("ALTER TABLE rule_history ADD COLUMN author TEXT NOT NULL DEFAULT ''")
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def next_epoch(self) -> int:
         with self._tx() as db:
@@ -94,23 +116,35 @@ class SqliteStore:
         return StoredRules(rules=doc.rules, sources=doc.sources, revision=int(row[1]))
 
     def save_rules(self, rules: RulesFile, sources: dict[str, str], action: str, file: str,
-                   changes: list[tuple[str, str, str]]) -> int:
+                   changes: list[tuple[str, str, str]], *, author: str = "") -> int:
         body = msgspec.json.encode(_RulesDoc(rules=rules, sources=sources))
         with self._tx() as db:
             row = db.execute("SELECT COALESCE(MAX(revision), 0) FROM rule_history").fetchone()
             revision = int(row[0]) + 1
-            db.execute("INSERT INTO rule_history VALUES (?, ?, ?, ?, ?, ?)",
-                       (revision, time.time(), action, file, msgspec.json.encode(changes), body))
+            db.execute("INSERT INTO rule_history (revision, at, action, file, changes, body, author) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (revision, time.time(), action, file, msgspec.json.encode(changes), body,
+                        author))
             db.execute("INSERT OR REPLACE INTO rules VALUES (1, ?, ?)", (body, revision))
         return revision
 
     def history(self, limit: int = 50) -> list[HistoryEntry]:
         rows = self._db.execute(
-            "SELECT revision, at, action, file, changes FROM rule_history "
-            "ORDER BY revision DESC LIMIT ?", (limit,)).fetchall()
-        return [HistoryEntry(revision=r[0], at=r[1], action=r[2], file=r[3],
-                             changes=[tuple(c) for c in msgspec.json.decode(r[4])])
-                for r in rows]
+            f"SELECT {_ENTRY_COLUMNS} FROM rule_history ORDER BY revision DESC LIMIT ?",
+            (limit,)).fetchall()
+        return [_entry(r) for r in rows]
+
+    def revision(self, rev: int) -> StoredRevision:
+        row = self._db.execute(f"SELECT {_ENTRY_COLUMNS}, body FROM rule_history WHERE revision = ?",
+                               (rev,)).fetchone()
+        if row is None:
+            raise KeyError(f"no rule revision {rev}")
+        try:
+            doc = msgspec.json.decode(row[6], type=_RulesDoc)
+        except msgspec.DecodeError as exc:  # a rule set this meshd's schema no longer accepts
+            raise ConfigError(f"rule revision {rev} cannot be read by this meshd: {exc}",
+                              file=str(self.path)) from exc
+        return StoredRevision(rules=doc.rules, sources=doc.sources, entry=_entry(row))
 
     def load_instances(self) -> list[Instance]:
         rows = self._db.execute("SELECT body FROM instances ORDER BY id").fetchall()

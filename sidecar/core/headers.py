@@ -11,8 +11,10 @@ Two layers, both raising ``RemoteProtocolError(msg, status_hint)``:
   body framing: Content-Length with Transfer-Encoding (RFC 9112 §6.1, Envoy's default),
   Transfer-Encoding on HTTP/1.0, any coding but ``chunked`` (501), versions but 1.0/1.1 (505).
 
-``strip_hop_by_hop`` removes the RFC 9110 §7.6.1 connection-specific fields before a head
-is forwarded. Headers are ``(name, value)`` tuples: lower-case ``str`` names, latin-1 values.
+``encode_response_head`` serialises a response head with the framing decided by the caller and
+refuses CR/LF/NUL (response splitting). ``strip_hop_by_hop`` removes the RFC 9110 §7.6.1
+connection-specific fields before a head is forwarded. Headers are ``(name, value)`` tuples:
+lower-case ``str`` names, latin-1 values.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from meshd.errors import RemoteProtocolError
+from meshd.errors import LocalProtocolError, RemoteProtocolError
 
 Header = tuple[str, str]
 
@@ -43,6 +45,10 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CL_LINE = b"\ncontent-length:"
 _DIGITS = re.compile(r"[0-9]{1,19}")  # h11 caps Content-Length at 20 digits; 19 fits an int64
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
+_FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_TOKENS_SEEN: set[str] = set()  # header names already validated (names repeat on every response)
+_TOKENS_SEEN_MAX = 4096
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -86,6 +92,54 @@ def check_raw_head(head: bytes, *, max_bytes: int, max_count: int) -> None:
         start = lower.index(_CL_LINE) + len(_CL_LINE)
         if b"," in head[start : head.index(b"\r", start)]:
             raise RemoteProtocolError("list-valued Content-Length", 400)
+
+
+def encode_response_head(
+    status: int,
+    reason: str,
+    headers: Iterable[Header],
+    *,
+    length: int | None,
+    chunked: bool,
+    close: bool,
+) -> bytes:
+    """Serialise an HTTP/1.1 response head: status line, ``headers``, framing, blank line.
+
+    The framing and persistence fields of ``headers`` (Content-Length, Transfer-Encoding,
+    Connection, Keep-Alive) are replaced by ``content-length: <length>`` when ``length`` is not
+    None, else ``transfer-encoding: chunked`` when ``chunked``, plus ``connection: close`` when
+    ``close``. Raises ``LocalProtocolError`` (500) for a name that is not a token, or CR, LF or
+    NUL anywhere (response splitting), or text that is not latin-1: nothing may be sent then.
+    """
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    for name, value in headers:
+        if name in _FRAMING_FIELDS:
+            continue
+        if name not in _TOKENS_SEEN:
+            _check_token(name)
+        lines.append(f"{name}: {value}\r\n")
+    if length is not None:
+        lines.append(f"content-length: {length}\r\n")
+    elif chunked:
+        lines.append("transfer-encoding: chunked\r\n")
+    if close:
+        lines.append("connection: close\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\x00" in text:
+        raise LocalProtocolError("CR, LF or NUL in a response head", 500)
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"response head is not latin-1: {exc}", 500) from exc
+
+
+def _check_token(name: str) -> None:
+    """Validate a header name (RFC 9110 token) once; remembered in a bounded cache."""
+    if not _TOKEN.fullmatch(name):
+        raise LocalProtocolError(f"invalid response header name {name!r}", 500)
+    if len(_TOKENS_SEEN) < _TOKENS_SEEN_MAX:
+        _TOKENS_SEEN.add(name)
 
 
 def decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[Header]:

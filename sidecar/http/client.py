@@ -28,6 +28,7 @@ non-idempotent request can run twice (Go's net/http retries only idempotent ones
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ class PoolStatistics:
 
 
 class _Conn:
-    __slots__ = ("got_bytes", "h11", "idle_since", "key", "out", "reused", "stream")
+    __slots__ = ("got_bytes", "h11", "idle_since", "key", "out", "reused", "scope", "step", "stream")
 
     def __init__(self, key: Key, stream: trio.abc.Stream, max_head: int):
         self.key = key
@@ -97,6 +98,8 @@ class _Conn:
         self.reused = False  # taken from the idle pool for the current exchange
         self.got_bytes = False  # a response byte arrived in the current exchange
         self.out = False  # checked out of the pool (guards the active counter)
+        self.scope = trio.CancelScope()  # of the current exchange; its deadline is the step timer
+        self.step = ""  # what the current step's timeout means, for the error message
 
     def failure(self, exc: BaseException | str, what: str) -> Exception:
         """The error for an I/O failure: a timeout, a reset, or a stale keep-alive to retry."""
@@ -120,9 +123,7 @@ class UpstreamPool:
         self._closed = False
         self._next_reap = 0.0
 
-    async def request(
-        self, host: str, port: int, head: RequestHead, body: Body | bytes = b""
-    ) -> Response:
+    async def request(self, host: str, port: int, head: RequestHead, body: Body | bytes = b"") -> Response:
         """Send ``head`` + ``body`` to ``host:port``; the response streams (see module doc)."""
         if self._closed:
             raise UpstreamConnectError("upstream pool is closed")
@@ -194,9 +195,7 @@ class UpstreamPool:
             with trio.fail_after(timeout):
                 stream = await self._connect(host, port)
         except trio.TooSlowError:
-            raise UpstreamConnectError(
-                f"connect {host}:{port}: timeout after {timeout} s"
-            ) from None
+            raise UpstreamConnectError(f"connect {host}:{port}: timeout after {timeout} s") from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise UpstreamConnectError(f"connect {host}:{port}: {exc}") from exc
         self._opened += 1
@@ -206,9 +205,18 @@ class UpstreamPool:
         return conn
 
     async def _exchange(self, conn: _Conn, head: RequestHead, body: Body | bytes) -> Response:
+        """Send the request and read the response head under one cancel scope, whose deadline
+        is the timer of the current step (cheaper than a scope per operation)."""
+        lim = self._limits
         try:
-            await self._send_request(conn, head, body)
-            event = await self._receive_head(conn)
+            with trio.CancelScope(deadline=trio.current_time() + lim.stream_idle_timeout) as scope:
+                conn.scope, conn.step = scope, "sending stalled to"
+                await self._send_request(conn, head, body)
+                scope.deadline = trio.current_time() + lim.response_timeout
+                conn.step = f"no response head in {lim.response_timeout} s from"
+                event = await self._receive_head(conn)
+            if scope.cancelled_caught:
+                raise UpstreamTimeoutError(f"{conn.step} {conn.key[0]}:{conn.key[1]}")
             return await self._response(conn, event)
         except BaseException:
             await self.discard(conn)
@@ -222,54 +230,56 @@ class UpstreamPool:
             if isinstance(body, bytes | bytearray):
                 if body:
                     out += h.send(h11.Data(data=body)) or b""
-                await self._send(conn, out + (h.send(h11.EndOfMessage()) or b""))
+                await self._send(conn, out + (h.send(h11.EndOfMessage()) or b""), arm=False)
                 return
-            await self._send(conn, out)
-            async for chunk in body:
+            await self._send(conn, out, arm=False)
+            chunks = body.__aiter__()
+            while True:
+                conn.scope.deadline = math.inf  # waiting for the downstream is not our timeout
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
                 if chunk:
                     await self._send(conn, h.send(h11.Data(data=chunk)) or b"")
             await self._send(conn, h.send(h11.EndOfMessage()) or b"")
         except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
             raise LocalProtocolError(f"cannot send request upstream: {exc}", 500) from exc
 
-    async def _send(self, conn: _Conn, data: bytes) -> None:
+    async def _send(self, conn: _Conn, data: bytes, *, arm: bool = True) -> None:
+        """``send_all`` with errors mapped; ``arm``: restart the stream-idle timer first."""
         if not data:
             return
+        if arm:
+            conn.scope.deadline = trio.current_time() + self._limits.stream_idle_timeout
         try:
-            with trio.fail_after(self._limits.stream_idle_timeout):
-                await conn.stream.send_all(data)
-        except (trio.TooSlowError, *_IO_ERRORS) as exc:
+            await conn.stream.send_all(data)
+        except _IO_ERRORS as exc:
             raise conn.failure(exc, "sending to") from exc
 
     async def _receive_head(self, conn: _Conn) -> h11.Response:
         """The final response head (1xx skipped); raises per the module docstring."""
         lim, h, buf = self._limits, conn.h11, bytearray()
         try:
-            with trio.fail_after(lim.response_timeout):
-                while True:
-                    end = await receive_head(
-                        conn.stream, buf, max_bytes=lim.max_headers_bytes, max_recv=lim.max_recv
-                    )
-                    conn.got_bytes = conn.got_bytes or bool(buf)
-                    if end < 0:
-                        raise conn.failure("connection closed before a response head", "reading")
-                    data = bytes(buf)
-                    buf.clear()
-                    head = data[:end]
-                    check_raw_head(
-                        head, max_bytes=lim.max_headers_bytes, max_count=lim.max_headers_count
-                    )
-                    h.receive_data(head)
-                    event = h.next_event()
-                    if type(event) is h11.Response:
-                        if len(data) > end:
-                            h.receive_data(data[end:])
-                        return event
-                    if type(event) is not h11.InformationalResponse or event.status_code == 101:
-                        raise RemoteProtocolError(f"unexpected {event!r}")
-                    buf += data[end:]
-        except trio.TooSlowError as exc:
-            raise conn.failure(exc, f"no response head in {lim.response_timeout} s from") from exc
+            while True:
+                end = await receive_head(
+                    conn.stream, buf, max_bytes=lim.max_headers_bytes, max_recv=lim.max_recv
+                )
+                conn.got_bytes = conn.got_bytes or bool(buf)
+                if end < 0:
+                    raise conn.failure("connection closed before a response head", "reading")
+                data = bytes(buf)
+                buf.clear()
+                check_raw_head(data[:end], max_bytes=lim.max_headers_bytes, max_count=lim.max_headers_count)
+                h.receive_data(data[:end])
+                event = h.next_event()
+                if type(event) is h11.Response:
+                    if len(data) > end:
+                        h.receive_data(data[end:])
+                    return event
+                if type(event) is not h11.InformationalResponse or event.status_code == 101:
+                    raise RemoteProtocolError(f"unexpected {event!r}")
+                buf += data[end:]
         except _IO_ERRORS as exc:
             conn.got_bytes = conn.got_bytes or bool(buf)
             raise conn.failure(exc, "reading from") from exc

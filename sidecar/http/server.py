@@ -1,4 +1,4 @@
-"""Downstream HTTP/1.1: serve one connection on any ``trio.abc.Stream`` with h11 (server role).
+"""Downstream HTTP/1.1: serve one connection on any ``trio.abc.Stream`` (h11 parses requests).
 
 Per request, in a keep-alive loop::
 
@@ -11,17 +11,21 @@ Per request, in a keep-alive loop::
     write the response         bytes body: one send_all; stream: one send_all per chunk
     finish the request body    drain <= max_drain_bytes within drain_timeout, else close
 
-Rejections answer ``status + connection: close`` and close. A fresh ``h11.Connection`` serves
+Rejections answer ``status + connection: close`` and close. A fresh ``h11.Connection`` parses
 each request; bytes after a request (pipelining) come back through ``trailing_data``, so every
-head passes ``check_raw_head`` before h11 sees it. Closing after a response half-closes and
-reads for ``linger_timeout`` (nginx's lingering close), so that unread request bytes do not turn
-into a TCP RST that destroys the response. Peer misbehaviour never escapes ``serve_http1``;
-``trio.Cancelled`` does.
+head passes ``check_raw_head`` before h11 sees it. Responses are serialised by
+``encode_response_head`` (h11's writer cost about as much CPU as everything else together).
+Timers are deadlines on one cancel scope per connection (cheaper than a scope per operation):
+idle, head, and ``stream_idle_timeout`` around body reads and writes; never around the handler.
+Closing after a response half-closes and reads for ``linger_timeout`` (nginx's lingering close),
+so unread request bytes do not turn into a TCP RST that destroys the response. Peer misbehaviour
+never escapes ``serve_http1``; ``trio.Cancelled`` does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from http import HTTPStatus
 
@@ -32,8 +36,10 @@ from meshd.errors import LocalProtocolError, MeshError, ProtocolError, RemotePro
 from sidecar.core.headers import (
     check_framing,
     check_raw_head,
+    connection_tokens,
     declared_length,
     decode_headers,
+    encode_response_head,
     find_head_end,
     strip_hop_by_hop,
 )
@@ -42,10 +48,11 @@ from sidecar.http.messages import Body, ConnInfo, Handler, RequestHead, Response
 
 log = logging.getLogger(__name__)
 
-PHRASES: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
-_NO_BODY_STATUS = frozenset({204, 304})
+PHRASES: dict[int, str] = {s.value: s.phrase for s in HTTPStatus}
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 _KEEP, _CLOSE, _GONE = "keep", "close", "gone"  # outcome of one request cycle
+_IDLE, _HEAD, _BUSY = "idle", "head", "busy"  # what a fired deadline means: quiet close / 408 / close
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 async def serve_http1(
@@ -105,7 +112,7 @@ async def receive_head(
 
 def simple_response(status: int, text: str = "", *, close: bool = False) -> Response:
     """A short ``text/plain`` response (the reason phrase when ``text`` is empty)."""
-    body = ((text or PHRASES.get(status, b"").decode()) + "\n").encode()
+    body = ((text or PHRASES.get(status, "")) + "\n").encode()
     headers = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))]
     if close:
         headers.append(("connection", "close"))
@@ -113,11 +120,12 @@ def simple_response(status: int, text: str = "", *, close: bool = False) -> Resp
 
 
 def _raw_error(status: int) -> bytes:
-    """A complete ``connection: close`` error response, built without h11 (it may be in ERROR)."""
-    phrase = PHRASES.get(status, b"Error")
-    return b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n" % (status, phrase) + (
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s\n" % (len(phrase) + 1, phrase)
-    )
+    """A complete ``connection: close`` error response for a request we could not parse."""
+    phrase = PHRASES.get(status, "Error")
+    headers = (("content-type", "text/plain; charset=utf-8"),)
+    body = phrase.encode() + b"\n"
+    head = encode_response_head(status, phrase, headers, length=len(body), chunked=False, close=True)
+    return head + body
 
 
 def _error_response(exc: Exception) -> Response:
@@ -137,6 +145,16 @@ def _next_event(h: h11.Connection) -> object:
         return h.next_event()
     except h11.RemoteProtocolError as exc:
         raise RemoteProtocolError(str(exc), exc.error_status_hint) from exc
+
+
+def _response_length(headers: tuple[tuple[str, str], ...]) -> int | None:
+    """The handler's declared Content-Length; ``LocalProtocolError`` (500) if not a number."""
+    for name, value in headers:
+        if name == "content-length":
+            if not value.strip().isdigit():
+                raise LocalProtocolError(f"bad response Content-Length {value!r}", 500)
+            return int(value)
+    return None
 
 
 class _RequestBody:
@@ -174,11 +192,11 @@ class _RequestBody:
                     self.expected_length = self.received
                 return
 
-    def drainable(self) -> bool:
-        """False when the unread rest is known to exceed the drain budget (close instead)."""
-        if self.expected_length is None:
+    def drainable(self, budget: int) -> bool:
+        """False when the unread rest is known to exceed ``budget`` (close instead)."""
+        if self._done or self.expected_length is None:
             return True  # chunked: try, and close if the budget runs out
-        return self.expected_length - self.received <= self._conn.max_drain_bytes
+        return self.expected_length - self.received <= budget
 
     def __aiter__(self) -> _RequestBody:
         return self
@@ -198,27 +216,41 @@ class _RequestBody:
 
 
 class _Downstream:
-    """One downstream connection: the keep-alive loop and its reads and writes."""
+    """One downstream connection: the keep-alive loop, its reads, writes and timers."""
 
-    def __init__(
-        self, stream: trio.abc.Stream, handler: Handler, info: ConnInfo, limits: ServerLimits
-    ):
+    def __init__(self, stream: trio.abc.Stream, handler: Handler, info: ConnInfo, limits: ServerLimits):
         self._stream = stream
         self._handler = handler
         self._info = info
         self._limits = limits
         self._buf = bytearray()
         self._served = 0
-        self.max_drain_bytes = limits.max_drain_bytes
+        self._scope = trio.CancelScope()  # its deadline is the timer of the current phase
+        self._phase = _IDLE
+        self._responding = False  # response bytes may be on the wire for the current request
+        self._sent_100 = False
+
+    def _arm(self, phase: str, seconds: float) -> None:
+        self._phase = phase
+        self._scope.deadline = trio.current_time() + seconds
 
     async def run(self) -> None:
-        outcome = _KEEP
-        try:
-            while outcome is _KEEP:
-                outcome = await self._serve_one()
-        except ProtocolError as exc:
-            await self._send_error(exc)
+        outcome, error = _CLOSE, None
+        with self._scope:
+            try:
+                outcome = _KEEP
+                while outcome is _KEEP:
+                    outcome = await self._serve_one()
+            except ProtocolError as exc:
+                outcome, error = _CLOSE, exc
+        if self._scope.cancelled_caught:
+            if self._phase is _IDLE:
+                return
             outcome = _CLOSE
+            if not self._responding:
+                error = RemoteProtocolError(f"request {self._phase} not received in time", 408)
+        if error is not None:
+            await self._send_error(error)
         if outcome is _CLOSE:
             await self._linger()
 
@@ -228,14 +260,17 @@ class _Downstream:
             return _GONE
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_headers_bytes)
         h.receive_data(data)
-        head, body = self._parse(h)
+        head, body, keep_alive = self._parse(h)
         self._served += 1
+        self._responding = self._sent_100 = False
         response = await self._call(head, body)
-        waiting_100 = h.they_are_waiting_for_100_continue
-        close = h.their_state is not h11.DONE and (waiting_100 or not body.drainable())
-        if not await self._write(h, response, head.method, close) or h.our_state is not h11.DONE:
+        waiting_100 = h.they_are_waiting_for_100_continue and not self._sent_100
+        unread = h.their_state is not h11.DONE
+        drainable = body.drainable(self._limits.max_drain_bytes)
+        close = not keep_alive or (unread and (waiting_100 or not drainable))
+        if not await self._write(response, head, close):
             return _CLOSE
-        if not await self._finish_body(h, body, waiting_100):
+        if unread and not await self._drain(h, body):
             return _CLOSE
         self._buf += h.trailing_data[0]
         return _KEEP
@@ -244,45 +279,43 @@ class _Downstream:
         """The next request's bytes, a complete checked head first; None if the peer left."""
         lim, buf = self._limits, self._buf
         if not buf:
-            data = b""
-            with trio.move_on_after(lim.idle_timeout):
-                data = await self._stream.receive_some(lim.max_recv)
+            self._arm(_IDLE, lim.idle_timeout)
+            data = await self._stream.receive_some(lim.max_recv)
             if not data:
                 return None
             buf += data
         end = -1 if buf.startswith(b"\r\n") else find_head_end(buf)
         if end < 0:
-            try:
-                with trio.fail_after(lim.header_timeout):
-                    end = await receive_head(
-                        self._stream,
-                        buf,
-                        max_bytes=lim.max_headers_bytes,
-                        max_recv=lim.max_recv,
-                        skip_empty_lines=True,
-                    )
-            except trio.TooSlowError:
-                raise RemoteProtocolError("request head not received in time", 408) from None
+            self._arm(_HEAD, lim.header_timeout)
+            end = await receive_head(
+                self._stream,
+                buf,
+                max_bytes=lim.max_headers_bytes,
+                max_recv=lim.max_recv,
+                skip_empty_lines=True,
+            )
             if end < 0:
                 return None
+        self._phase, self._scope.deadline = _BUSY, math.inf
         data = bytes(buf)
         buf.clear()
         check_raw_head(data[:end], max_bytes=lim.max_headers_bytes, max_count=lim.max_headers_count)
         return data
 
-    def _parse(self, h: h11.Connection) -> tuple[RequestHead, _RequestBody]:
-        """The checked request head and its body. Raises ``RemoteProtocolError``."""
+    def _parse(self, h: h11.Connection) -> tuple[RequestHead, _RequestBody, bool]:
+        """The checked request head, its body, and whether the client allows keep-alive."""
         event = _next_event(h)
         if type(event) is not h11.Request:
             raise RemoteProtocolError("incomplete request head", 400)
         version = event.http_version.decode("ascii")
         decoded = decode_headers(event.headers)
         check_framing(version, decoded)
+        keep_alive = version == "1.1" and "close" not in connection_tokens(decoded)
         method, target = event.method.decode("ascii"), event.target.decode("ascii")
         head = RequestHead(method, target, strip_hop_by_hop(decoded), version)
         body = _RequestBody(self, h, declared_length(decoded))
         body.prefetch()
-        return head, body
+        return head, body, keep_alive
 
     async def _call(self, head: RequestHead, body: Body) -> Response:
         try:
@@ -293,7 +326,8 @@ class _Downstream:
     async def receive_body(self, h: h11.Connection) -> bytes | None:
         """Next request body chunk, None at its end; sends ``100 Continue`` if awaited.
 
-        Raises ``RemoteProtocolError``: 400 on bad framing or EOF, 408 if the body stalls.
+        Raises ``RemoteProtocolError`` (400) on bad framing or EOF. A stall longer than
+        ``stream_idle_timeout`` cancels the connection (408 if no response started).
         """
         while True:
             event = _next_event(h)
@@ -301,48 +335,26 @@ class _Downstream:
                 return event.data
             if event is not h11.NEED_DATA:
                 return None
-            if h.they_are_waiting_for_100_continue:
-                await self._send(h.send(h11.InformationalResponse(status_code=100, headers=())))
-            try:
-                with trio.fail_after(self._limits.stream_idle_timeout):
-                    data = await self._stream.receive_some(self._limits.max_recv)
-            except trio.TooSlowError:
-                raise RemoteProtocolError("request body stalled", 408) from None
+            if h.they_are_waiting_for_100_continue and not self._sent_100:
+                self._sent_100 = True
+                await self._send(_CONTINUE)
+            self._arm(_BUSY, self._limits.stream_idle_timeout)
+            data = await self._stream.receive_some(self._limits.max_recv)
+            self._scope.deadline = math.inf
             h.receive_data(data)  # b"" is EOF: h11 raises on the next event
 
-    async def _write(self, h: h11.Connection, response: Response, method: str, close: bool) -> bool:
-        """Send ``response``; False if it was cut short. Always awaits ``response.aclose``.
+    async def _write(self, response: Response, request: RequestHead, close: bool) -> bool:
+        """Send ``response``; True if it completed and the connection may stay open.
 
-        Raises ``LocalProtocolError`` (500) if the handler's head cannot be sent at all.
+        Always awaits ``response.aclose``. Raises ``LocalProtocolError`` (500) if the head is
+        invalid (nothing was sent then).
         """
-        head_sent = False
         try:
-            head, body = response.head, response.body
-            no_body = method == "HEAD" or head.status in _NO_BODY_STATUS
-            reason = head.reason.encode("latin-1") if head.reason else PHRASES.get(head.status, b"")
-            headers = self._headers(head, body, no_body, close)
-            event = h11.Response(status_code=head.status, headers=headers, reason=reason)
-            if isinstance(body, bytes | bytearray):
-                out = h.send(event) or b""
-                if body and not no_body:
-                    out += h.send(h11.Data(data=body)) or b""
-                out += h.send(h11.EndOfMessage()) or b""
-                head_sent = True
-                await self._send(out)
-                return True
-            out = h.send(event) or b""
-            head_sent = True
-            await self._send(out)
-            if not no_body:
-                async for chunk in body:
-                    if chunk:
-                        await self._send(h.send(h11.Data(data=chunk)) or b"")
-            await self._send(h.send(h11.EndOfMessage()) or b"")
-            return True
+            return await self._write_response(response, request, close)
         except _PEER_GONE:
             raise
         except Exception as exc:
-            if not head_sent:
+            if not self._responding:  # nothing sent yet: run() answers 500
                 raise LocalProtocolError(f"handler response not sendable: {exc!r}", 500) from exc
             log.info("response to %s cut short: %r", self._info.peer, exc)
             return False
@@ -350,26 +362,51 @@ class _Downstream:
             if response.aclose is not None:
                 await response.aclose()
 
-    def _headers(
-        self, head: ResponseHead, body: Body | bytes, no_body: bool, close: bool
-    ) -> list[tuple[bytes, bytes]]:
-        """Encoded response headers, plus Content-Length for a bytes body and a close at the cap."""
-        headers = [(n.encode("ascii"), v.encode("latin-1")) for n, v in head.headers]
-        if (
-            isinstance(body, bytes | bytearray)
-            and not no_body
-            and head.header("content-length") is None
-        ):
-            headers.append((b"content-length", b"%d" % len(body)))
-        if close or self._served >= self._limits.max_requests_per_connection:
-            headers.append((b"connection", b"close"))
-        return headers
+    async def _write_response(self, response: Response, request: RequestHead, close: bool) -> bool:
+        head, body = response.head, response.body
+        status, method = head.status, request.method
+        if not 200 <= status <= 999:
+            raise LocalProtocolError(f"handler returned status {status}", 500)
+        no_body = method == "HEAD" or status == 204 or status == 304
+        length = None if status == 204 else _response_length(head.headers)
+        is_bytes, chunked = isinstance(body, bytes | bytearray), False
+        if no_body:
+            pass
+        elif is_bytes:
+            if length is not None and length != len(body):
+                raise LocalProtocolError(f"Content-Length {length} but {len(body)} body bytes", 500)
+            length = len(body)
+        elif length is None:
+            chunked = request.http_version == "1.1"
+            close = close or not chunked  # HTTP/1.0: the body ends at close
+        close = close or self._served >= self._limits.max_requests_per_connection
+        close = close or "close" in connection_tokens(head.headers)
+        reason = head.reason or PHRASES.get(status, "")
+        data = encode_response_head(status, reason, head.headers, length=length, chunked=chunked, close=close)
+        self._responding = True
+        if no_body or is_bytes:
+            await self._send(data if no_body else data + body)  # type: ignore[operator]
+            return not close
+        await self._send(data)
+        return await self._stream_body(body, length, chunked) and not close  # type: ignore[arg-type]
 
-    async def _finish_body(self, h: h11.Connection, body: _RequestBody, waiting_100: bool) -> bool:
-        """True once the request body is fully read, discarding at most ``max_drain_bytes``."""
-        if h.their_state is h11.DONE:
-            return True
-        if waiting_100 or h.their_state is not h11.SEND_BODY:
+    async def _stream_body(self, body: Body, length: int | None, chunked: bool) -> bool:
+        """Send ``body`` chunk by chunk; False if it did not match ``length``."""
+        sent = 0
+        async for chunk in body:
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if length is not None and sent > length:
+                return False
+            await self._send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+        if chunked:
+            await self._send(b"0\r\n\r\n")
+        return length is None or sent == length
+
+    async def _drain(self, h: h11.Connection, body: _RequestBody) -> bool:
+        """Discard the unread request body (<= max_drain_bytes, drain_timeout); True if done."""
+        if h.they_are_waiting_for_100_continue and not self._sent_100:
             return False  # the client may never send a body it was not asked for
         budget = self._limits.max_drain_bytes
         with trio.move_on_after(self._limits.drain_timeout):
@@ -384,9 +421,8 @@ class _Downstream:
         return False
 
     async def _send(self, data: bytes) -> None:
-        if data:
-            with trio.fail_after(self._limits.stream_idle_timeout):
-                await self._stream.send_all(data)
+        self._arm(_BUSY, self._limits.stream_idle_timeout)  # left armed: covers the next chunk wait
+        await self._stream.send_all(data)
 
     async def _send_error(self, exc: ProtocolError) -> None:
         status = exc.status_hint if isinstance(exc, RemoteProtocolError) else 500

@@ -33,15 +33,20 @@ def parse_peer(value: str | None) -> Peer:
                 version=fields.get("version", UNKNOWN))
 
 
+def local_reply(status: int, text: str, flag: str, *, extra: tuple[tuple[str, str], ...] = (),
+                content_type: str = "text/plain; charset=utf-8", newline: bool = True) -> Response:
+    """A response made by the sidecar itself; ``flag`` goes to ``x-meshd-response-flags``."""
+    body = (f"{text}\n" if newline and text else text).encode()
+    headers = (("content-type", content_type), ("content-length", str(len(body))), *extra)
+    if flag != "-":
+        headers = (*headers, ("x-meshd-response-flags", flag))
+    return Response(head=ResponseHead(status=status, headers=headers), body=body)
+
+
 def error_response(exc: MeshError) -> Response:
     """A local reply for a mesh error: its status, a one-line text body, Envoy's response flag."""
-    status = int(getattr(exc, "status", 500))
-    flag = str(getattr(exc, "response_flag", "-"))
-    body = f"{exc}\n".encode()
-    head = ResponseHead(status=status, headers=(
-        ("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body))),
-        ("x-meshd-response-flags", flag)))
-    return Response(head=head, body=body)
+    return local_reply(int(getattr(exc, "status", 500)), str(exc),
+                       str(getattr(exc, "response_flag", "-")))
 
 
 def observed(resp: Response, record: Callable[[int], None]) -> Response:

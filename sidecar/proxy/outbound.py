@@ -1,127 +1,180 @@
-"""Outbound listener: app -> (route, subset, endpoint) -> destination's inbound sidecar.
+"""Outbound listener: app -> route -> (fault, mirror, rewrites) -> cluster -> peer inbound sidecar.
 
 Apps reach it with no code change, either as ``HTTP_PROXY`` (absolute-form ``GET http://svcb/x``)
-or by sending to the outbound port with ``Host: svcb``. Per request: resolve the authority with
-the ``Router`` (route match + weighted subset), pick an endpoint with the cluster's load
-balancer, forward over a pooled keep-alive connection. A connect failure is retried on another
-endpoint up to ``CONNECT_RETRIES`` times — safe because nothing was sent (Istio's default retry
-policy includes ``connect-failure``); so is a body-less request whose peer sidecar answered 503
-``UF`` (its app refused the connection, e.g. the app stopped before its sidecar). Hosts outside
-the mesh go out only if an egress rule allows them, else 502 (Istio REGISTRY_ONLY).
+or by sending to the outbound port with ``Host: svcb``. Per request, in Envoy's filter order:
+route match (``core.router``, source = this sidecar's service and labels) -> redirect or direct
+response -> fault injection (delay ``DI``, abort ``FI``) -> request header ops and rewrites ->
+mirror copy (fire-and-forget) -> ``Forwarder`` (circuit breaker, load balancer, retries,
+timeouts, outlier detection) -> response header ops. Hosts outside the mesh go out only if an
+egress rule allows them, else 502 (Istio REGISTRY_ONLY).
+
+Request bodies with a known length of at most ``REPLAY_BUFFER_BYTES`` are read whole first so
+that retries and mirrors can replay them (Envoy buffers for retries the same way).
 """
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
+from urllib.parse import parse_qsl
+
+import trio
 
 from meshd.errors import MeshError, NoHealthyUpstream, UpstreamConnectError
-from meshd.snapshot.model import Endpoint
+from meshd.snapshot.model import Endpoint, Route
 from sidecar.bootstrap import Bootstrap
-from sidecar.core.balancer import Key, key
-from sidecar.core.router import EgressTarget, MeshTarget, split_authority
+from sidecar.core.hashing import request_hash
+from sidecar.core.rewrite import (
+    apply_header_ops,
+    fault_decision,
+    mirror_decision,
+    redirect_location,
+    rewrite_path,
+)
+from sidecar.core.router import EgressTarget, MeshTarget, RequestInfo, split_authority
 from sidecar.http.client import UpstreamPool
 from sidecar.http.messages import Body, ConnInfo, RequestHead, Response, body_length
 from sidecar.metrics import Metrics, Peer
-from sidecar.proxy.common import PEER_HEADER, error_response, observed, peer_header_value
+from sidecar.proxy.clusters import ClusterRuntimes
+from sidecar.proxy.common import PEER_HEADER, error_response, local_reply, observed
+from sidecar.proxy.common import peer_header_value
+from sidecar.proxy.forward import Forwarder
+from sidecar.proxy.mirror import Mirror
 from sidecar.state import Applied, State
 
-CONNECT_RETRIES = 2  # Istio default retry attempts; here only for connect failures
+REPLAY_BUFFER_BYTES = 64 * 1024  # request bodies up to this size are buffered for retry/mirror
+EGRESS_CONNECT_ATTEMPTS = 3
 
 
 class Outbound:
-    def __init__(self, boot: Bootstrap, state: State, pool: UpstreamPool, metrics: Metrics) -> None:
+    def __init__(self, boot: Bootstrap, state: State, pool: UpstreamPool, metrics: Metrics,
+                 nursery: trio.Nursery | None = None) -> None:
         self.boot = boot
         self.state = state
         self.pool = pool
         self.metrics = metrics
+        self.runtimes = ClusterRuntimes(boot.labels)
+        self.forwarder = Forwarder(pool)
+        self.mirror = Mirror(self.runtimes, nursery) if nursery is not None else None
+        self.rand = random.Random()
+        self._synced: Applied | None = None
         self.me = Peer(workload=boot.service, namespace=boot.namespace, app=boot.service,
                        version=boot.labels.get("version", "unknown"), principal=boot.spiffe_id)
         self._peer_value = peer_header_value(boot)
 
-    def _request_headers(self, head: RequestHead) -> tuple[tuple[str, str], ...]:
-        headers = [(k, v) for k, v in head.headers if k != PEER_HEADER]
-        if head.header("x-request-id") is None:
-            headers.append(("x-request-id", str(uuid.uuid4())))
-        if head.header("host") is None:
-            headers.append(("host", head.authority))
-        headers.append((PEER_HEADER, self._peer_value))
-        return tuple(headers)
+    def _applied(self) -> Applied:
+        applied = self.state.applied
+        if applied is None:
+            raise NoHealthyUpstream("no snapshot applied yet")
+        if applied is not self._synced:
+            self.runtimes.sync(applied, trio.current_time())
+            self._synced = applied
+        return applied
+
+    def sync(self) -> None:
+        """Bring cluster runtimes up to the applied snapshot (no-op before the first one)."""
+        if self.state.applied is not None:
+            self._applied()
 
     async def handle(self, head: RequestHead, body: Body, info: ConnInfo) -> Response:
         start = time.perf_counter()
-        applied = self.state.applied
         host = split_authority(head.authority)[0] if head.authority else "unknown"
-        dest = Peer(app=host, workload=host)
+        dest, flags = Peer(app=host, workload=host), "-"
         try:
-            if applied is None:
-                raise NoHealthyUpstream("no snapshot applied yet")
-            target = applied.router.resolve(head.authority, head.method, head.path, head.headers)
-            out = head.replace(headers=self._request_headers(head))
-            if isinstance(target, MeshTarget):
-                resp, dest = await self._to_mesh(applied, target, out, body)
+            req = RequestInfo(head.authority, head.method, head.path, head.headers,
+                              self.boot.service, self.boot.labels)
+            target = self._applied().router.resolve(req)
+            if isinstance(target, EgressTarget):
+                resp = await self._to_egress(target, self._out_head(head), body)
             else:
-                resp = await self._to_egress(target, out, body)
+                resp, dest, flags = await self._to_mesh(target, head, body, info)
         except MeshError as exc:
             resp = error_response(exc)
             flags = getattr(exc, "response_flag", "-")
             self._observe(dest, host, resp.head.status, flags, start)
             return resp
-        return observed(resp, lambda code: self._observe(dest, host, code, "-", start))
+        return observed(resp, lambda code: self._observe(dest, host, code, flags, start))
 
     def _observe(self, dest: Peer, host: str, code: int, flags: str, start: float) -> None:
         self.metrics.observe(reporter="source", source=self.me, destination=dest, service=host,
                              code=code, flags=flags, millis=(time.perf_counter() - start) * 1000)
 
-    async def _to_mesh(self, applied: Applied, target: MeshTarget, head: RequestHead,
-                       body: Body) -> tuple[Response, Peer]:
-        cluster = applied.clusters[target.cluster]
-        endpoints = applied.endpoints.get(target.cluster, ())
-        balancer = self.state.balancers.get(cluster.name, cluster.lb_policy)
-        tried: set[Key] = set()
-        last: MeshError = NoHealthyUpstream(f"no healthy endpoint in {cluster.name}")
-        for _ in range(CONNECT_RETRIES + 1):
-            ep = balancer.pick(endpoints, tried)
-            if ep is None:
-                break
-            tried.add(key(ep))
-            balancer.started(ep)
-            try:
-                resp = await self.pool.request(ep.address, ep.port, head, body)
-            except UpstreamConnectError as exc:
-                balancer.finished(ep)
-                last = exc
-                continue
-            except BaseException:
-                balancer.finished(ep)
-                raise
-            if _peer_refused(resp) and body_length(body) == 0:
-                # the peer sidecar could not reach its app: nothing was processed, try another
-                balancer.finished(ep)
-                if resp.aclose is not None:
-                    await resp.aclose()
-                last = UpstreamConnectError(f"{ep.instance_id or ep.address}: app refused")
-                continue
-            return self._release_on_close(resp, balancer, ep), _peer_of(ep, target.host)
-        raise last
+    def _out_head(self, head: RequestHead) -> RequestHead:
+        headers = [(k, v) for k, v in head.headers if k != PEER_HEADER]
+        if head.header("x-request-id") is None:
+            headers.append(("x-request-id", str(uuid.uuid4())))
+        if head.header("host") is None:
+            headers.append(("host", head.authority))
+        return head.replace(target=head.path, headers=tuple(headers))
 
-    @staticmethod
-    def _release_on_close(resp: Response, balancer: object, ep: Endpoint) -> Response:
-        inner = resp.aclose
+    async def _to_mesh(self, target: MeshTarget, head: RequestHead, body: Body,
+                       info: ConnInfo) -> tuple[Response, Peer, str]:
+        route = target.policy
+        assert route is not None
+        local = self._local_action(route, head)
+        if local is not None:
+            return local, Peer(app=target.host, workload=target.host), "-"
+        fault = fault_decision(route.fault, lambda: self.rand.uniform(0, 100))
+        flags = "-"
+        if fault.delay is not None:
+            await trio.sleep(fault.delay)
+            flags = "DI"
+        if fault.abort_status is not None:
+            return local_reply(fault.abort_status, "fault filter abort", "FI"), Peer(), "FI"
+        out = self._rewrite(route, self._out_head(head))
+        payload = await _buffer_small(body)
+        self._maybe_mirror(route, out, payload)
+        rt = self.runtimes.get(target.cluster)
+        if rt is None:
+            raise NoHealthyUpstream(f"unknown cluster {target.cluster}")
+        resp, ep = await self.forwarder.forward(
+            rt, out.replace(headers=(*out.headers, (PEER_HEADER, self._peer_value))), payload,
+            timeout=route.timeout, retry=route.retry, hash_key=self._hash_key(rt, head, info))
+        if route.response_headers is not None:
+            resp.head = resp.head.__class__(
+                status=resp.head.status, reason=resp.head.reason,
+                headers=apply_header_ops(resp.head.headers, route.response_headers))
+        return resp, _peer_of(ep, target.host), flags
 
-        async def aclose() -> None:
-            balancer.finished(ep)  # type: ignore[attr-defined]
-            if inner is not None:
-                await inner()
+    def _local_action(self, route: Route, head: RequestHead) -> Response | None:
+        if route.direct_response is not None:
+            d = route.direct_response
+            return local_reply(d.status, d.body, "-", content_type="text/plain; charset=utf-8",
+                               newline=False)
+        if route.redirect is not None:
+            location = redirect_location(route.redirect, "http", head.authority, head.path)
+            return local_reply(route.redirect.status, "", "-", extra=(("location", location),))
+        return None
 
-        resp.aclose = aclose
-        return resp
+    def _rewrite(self, route: Route, head: RequestHead) -> RequestHead:
+        headers = apply_header_ops(head.headers, route.request_headers)
+        target = head.target
+        if route.prefix_rewrite is not None:
+            target = rewrite_path(target, route.matched_prefix, route.prefix_rewrite)
+        if route.authority_rewrite is not None:
+            headers = tuple(("host", route.authority_rewrite) if k == "host" else (k, v)
+                            for k, v in headers)
+        return head.replace(target=target, headers=headers)
+
+    def _maybe_mirror(self, route: Route, head: RequestHead, payload: Body | bytes) -> None:
+        if (self.mirror is not None and route.mirror is not None
+                and isinstance(payload, bytes)
+                and mirror_decision(route.mirror, lambda: self.rand.uniform(0, 100))):
+            self.mirror.send(route.mirror.cluster, head, payload)
+
+    def _hash_key(self, rt: object, head: RequestHead, info: ConnInfo) -> int | None:
+        policy = rt.cluster.hash_policy  # type: ignore[attr-defined]
+        if policy is None:
+            return None
+        query = dict(parse_qsl(head.path.partition("?")[2], keep_blank_values=True))
+        return request_hash(policy, headers=dict(head.headers), query=query,
+                            source_ip=info.peer[0] if info.peer else None)
 
     async def _to_egress(self, target: EgressTarget, head: RequestHead, body: Body) -> Response:
         addrs = [split_authority(e) for e in target.endpoints] or [(target.host, target.port)]
-        head = head.replace(headers=tuple(h for h in head.headers if h[0] != PEER_HEADER))
         last: MeshError = NoHealthyUpstream(f"no endpoint for egress {target.host}")
-        for host, port in addrs[: CONNECT_RETRIES + 1]:
+        for host, port in addrs[:EGRESS_CONNECT_ATTEMPTS]:
             try:
                 return await self.pool.request(host, port, head, body)
             except UpstreamConnectError as exc:
@@ -129,9 +182,14 @@ class Outbound:
         raise last
 
 
-def _peer_refused(resp: Response) -> bool:
-    """A 503 local reply of the peer's inbound with flag UF: its app refused the connection."""
-    return resp.head.status == 503 and resp.head.header("x-meshd-response-flags") == "UF"
+async def _buffer_small(body: Body) -> Body | bytes:
+    """The whole body as bytes when its declared length is at most REPLAY_BUFFER_BYTES."""
+    length = body_length(body)
+    if length is None or length > REPLAY_BUFFER_BYTES:
+        return body
+    if length == 0:
+        return b""
+    return b"".join([bytes(chunk) async for chunk in body])
 
 
 def _peer_of(ep: Endpoint, host: str) -> Peer:

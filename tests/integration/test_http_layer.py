@@ -67,10 +67,10 @@ async def start_raw(nursery: trio.Nursery, script: Callable[[trio.SocketStream],
     return int(listeners[0].socket.getsockname()[1])
 
 
-async def read_until_eof(stream: trio.abc.ReceiveStream, timeout: float = 3.0) -> bytes:
+async def read_until_eof(stream: trio.abc.ReceiveStream, within: float = 3.0) -> bytes:
     """Everything until EOF; fails the test if the server keeps the connection open."""
     out = bytearray()
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while data := await stream.receive_some(65536):
             out += data
     return bytes(out)
@@ -234,7 +234,7 @@ async def test_slowloris_head_deadline_is_for_the_whole_head(nursery: trio.Nurse
         start = trio.current_time()
         async with trio.open_nursery() as inner:
             inner.start_soon(trickle)
-            data = await read_until_eof(stream, timeout=2)
+            data = await read_until_eof(stream, within=2)
             inner.cancel_scope.cancel()
     assert [r[0] for r in parse_responses(data)] == [408]
     assert trio.current_time() - start < 1.0
@@ -244,7 +244,7 @@ async def test_idle_connection_closed_without_response(nursery: trio.Nursery) ->
     port = await start_server(nursery, Echo(), ServerLimits(idle_timeout=0.1))
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
         await stream.send_all(GOOD)
-        responses = parse_responses(await read_until_eof(stream, timeout=1))
+        responses = parse_responses(await read_until_eof(stream, within=1))
     assert [r[0] for r in responses] == [200]
 
 
@@ -286,7 +286,7 @@ async def test_chunked_request_body_streams_to_handler(nursery: trio.Nursery) ->
         with trio.fail_after(2):
             await first_chunk_seen.wait()  # the handler runs before the body is complete
         await stream.send_all(b"6\r\n world\r\n0\r\n\r\n")
-        status, headers, body = parse_responses(await read_head(stream))[0]
+        status, _, body = parse_responses(await read_head(stream))[0]
     assert (status, body, seen) == (200, b"11", [b"hello", b" world"])
 
 
@@ -392,6 +392,43 @@ async def test_handler_errors(nursery: trio.Nursery) -> None:
         (200, None),
         (500, "close"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ((("x-a", "b\r\nset-cookie: injected"),), b"ok"),  # response splitting
+        ((("content-length", "5"),), b"too long"),  # declared length does not match
+        ((("content-length", "x"),), b"ok"),
+    ],
+    ids=["crlf-injection", "length-mismatch", "bad-length"],
+)
+async def test_invalid_handler_response_becomes_500(
+    nursery: trio.Nursery, headers: tuple[tuple[str, str], ...], body: bytes
+) -> None:
+    async def handler(head: RequestHead, req: Body, info: ConnInfo) -> Response:
+        return Response(ResponseHead(200, headers), body)
+
+    port = await start_server(nursery, handler)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(GOOD)
+        data = await read_until_eof(stream)
+    assert b"injected" not in data
+    assert [(r[0], r[1].get("connection")) for r in parse_responses(data)] == [(500, "close")]
+
+
+async def test_streamed_response_with_content_length(nursery: trio.Nursery) -> None:
+    async def handler(head: RequestHead, body: Body, info: ConnInfo) -> Response:
+        size = 10_000 if head.path == "/ok" else 20_000  # /short declares more than it sends
+        return Response(ResponseHead(200, (("content-length", str(size)),)), pattern(10_000, 4096))
+
+    port = await start_server(nursery, handler)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        _, headers, body = await h11_request(stream, "GET", "/ok")
+        assert (b"content-length", b"10000") in headers and body == expected_pattern(10_000, 4096)
+        await stream.send_all(b"GET /short HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = await read_until_eof(stream)  # cut short: the connection closes
+    assert len(data.partition(b"\r\n\r\n")[2]) == 10_000
 
 
 async def test_transport_agnostic_over_memory_streams(nursery: trio.Nursery) -> None:
@@ -577,6 +614,25 @@ async def test_pool_response_timeout(nursery: trio.Nursery) -> None:
     pool = UpstreamPool(limits=ClientLimits(response_timeout=0.2))
     with pytest.raises(UpstreamTimeoutError):
         await pool.request("127.0.0.1", port, get())
+    assert pool.statistics().active == 0
+
+
+async def test_pool_stream_idle_timeouts(nursery: trio.Nursery) -> None:
+    async def never_reads(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async def stalls_mid_body(stream: trio.SocketStream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+        await trio.sleep_forever()
+
+    pool = UpstreamPool(limits=ClientLimits(stream_idle_timeout=0.2))
+    post = RequestHead("POST", "/", (("host", "up"),))
+    with pytest.raises(UpstreamTimeoutError, match="sending stalled"):
+        await pool.request("127.0.0.1", await start_raw(nursery, never_reads), post, pattern(64 * MiB))
+    resp = await pool.request("127.0.0.1", await start_raw(nursery, stalls_mid_body), get())
+    with pytest.raises(UpstreamTimeoutError):
+        await body_of(resp)
     assert pool.statistics().active == 0
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshd.errors import RemoteProtocolError
+from meshd.errors import LocalProtocolError, RemoteProtocolError
 from sidecar.core import headers as hdr
 from sidecar.core.headers import (
     HOP_BY_HOP,
@@ -18,6 +18,7 @@ from sidecar.core.headers import (
     connection_tokens,
     declared_length,
     decode_headers,
+    encode_response_head,
     find_head_end,
     strip_hop_by_hop,
 )
@@ -88,9 +89,7 @@ FRAMING_CASES = [
 @pytest.mark.parametrize(
     ("name", "version", "headers", "status"), FRAMING_CASES, ids=[c[0] for c in FRAMING_CASES]
 )
-def test_check_framing(
-    name: str, version: str, headers: list[tuple[str, str]], status: int | None
-) -> None:
+def test_check_framing(name: str, version: str, headers: list[tuple[str, str]], status: int | None) -> None:
     if status is None:
         check_framing(version, headers)
         return
@@ -141,8 +140,44 @@ def test_strip_hop_by_hop_example() -> None:
     assert connection_tokens(headers) == {"keep-alive", "x-secret", "close"}
 
 
+def test_encode_response_head_replaces_framing_fields() -> None:
+    headers = [
+        ("content-type", "text/plain"),
+        ("content-length", "99"),
+        ("transfer-encoding", "gzip"),
+        ("connection", "keep-alive"),
+        ("x-v", "caf\u00e9"),
+    ]
+    out = encode_response_head(200, "OK", headers, length=5, chunked=False, close=True)
+    assert out == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-v: caf\xe9\r\n"
+        b"content-length: 5\r\nconnection: close\r\n\r\n"
+    )
+    chunked = encode_response_head(404, "Not Found", [], length=None, chunked=True, close=False)
+    assert chunked == b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([("x-a", "b\r\nset-cookie: evil")], "OK"),
+        ([("x-a", "b\nc")], "OK"),
+        ([("x-a", "b\rc")], "OK"),
+        ([("x-a", "b\x00c")], "OK"),
+        ([("x a", "b")], "OK"),
+        ([("x-a:", "b")], "OK"),
+        ([("x-a", "\u20ac")], "OK"),
+        ([], "OK\r\nx-injected: 1"),
+    ],
+)
+def test_encode_response_head_refuses_response_splitting(headers: list[tuple[str, str]], reason: str) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_response_head(200, reason, headers, length=0, chunked=False, close=False)
+    assert info.value.status_hint == 500
+
+
 NAMES = st.sampled_from(
-    sorted(HOP_BY_HOP) + ["host", "x-a", "x-b", "content-length", "authorization", "x-secret"]
+    [*sorted(HOP_BY_HOP), "host", "x-a", "x-b", "content-length", "authorization", "x-secret"]
 )
 VALUES = st.text(alphabet="abc ,-", max_size=8)
 

@@ -25,7 +25,13 @@ from meshd.snapshot.compile import NodeInfo, compile_mesh, for_node
 from meshd.snapshot.model import Endpoint, Version, WeightedCluster
 from registry.model import Instance
 from sidecar.core.balancer import Balancer
-from sidecar.core.router import EgressTarget, MeshTarget, Router, pick_weighted, split_authority
+from sidecar.core.router import (
+    EgressTarget,
+    RequestInfo,
+    Router,
+    pick_weighted,
+    split_authority,
+)
 
 
 def _instances() -> list[Instance]:
@@ -63,35 +69,36 @@ def test_iphone_header_regex_routes_to_v2() -> None:
     r = _router()
     ua = [("user-agent", "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0)")]
     for _ in range(50):
-        assert r.resolve("svcb", "GET", "/notify", ua) == MeshTarget("svcb", "iphone", "outbound|v2|svcb")
+        t = r.resolve(RequestInfo("svcb", "GET", "/notify", ua))
+        assert (t.host, t.route, t.cluster) == ("svcb", "iphone", "outbound|v2|svcb")
 
 
 def test_match_block_conditions_are_anded() -> None:
     r = _router(rand=lambda n: 0)  # canary draw 0 -> v1 anyway; check route name
-    assert r.resolve("svcb", "POST", "/admin/x", []).route == "admin"
-    assert r.resolve("svcb", "GET", "/admin/x", []).route == "canary"
+    assert r.resolve(RequestInfo("svcb", "POST", "/admin/x", [])).route == "admin"
+    assert r.resolve(RequestInfo("svcb", "GET", "/admin/x", [])).route == "canary"
 
 
 def test_weighted_split_statistics() -> None:
     rng = random.Random(7)
     r = _router(rand=rng.randrange)
-    counts = Counter(r.resolve("svcb:80", "GET", "/", []).cluster for _ in range(20000))
+    counts = Counter(r.resolve(RequestInfo("svcb:80", "GET", "/", [])).cluster for _ in range(20000))
     share = counts["outbound|v2|svcb"] / 20000
     assert 0.045 <= share <= 0.055, share
 
 
 def test_host_without_route_rule_gets_default_route() -> None:
-    t = _router().resolve("svca", "GET", "/pay", [])
-    assert t == MeshTarget("svca", "default", "outbound||svca")
+    t = _router().resolve(RequestInfo("svca", "GET", "/pay", []))
+    assert (t.host, t.route, t.cluster) == ("svca", "default", "outbound||svca")
 
 
 def test_egress_allowed_only_for_listed_host_and_port() -> None:
     r = _router()
-    assert r.resolve("msgd.example", "GET", "/", []) == EgressTarget("msgd.example", 80, ("127.0.0.1:9100",))
+    assert r.resolve(RequestInfo("msgd.example", "GET", "/", [])) == EgressTarget("msgd.example", 80, ("127.0.0.1:9100",))
     with pytest.raises(PolicyDenied):
-        r.resolve("msgd.example:8080", "GET", "/", [])
+        r.resolve(RequestInfo("msgd.example:8080", "GET", "/", []))
     with pytest.raises(PolicyDenied):
-        r.resolve("example.com", "GET", "/", [])
+        r.resolve(RequestInfo("example.com", "GET", "/", []))
 
 
 def test_route_rule_without_match_gives_404() -> None:
@@ -100,7 +107,7 @@ def test_route_rule_without_match_gives_404() -> None:
                   destinations=[RouteDestination()])])])
     snap = for_node(compile_mesh(rules, _instances()), NodeInfo(node="n"), Version(1, 1))
     with pytest.raises(NoRouteFound):
-        Router(snap).resolve("svcb", "GET", "/other", [])
+        Router(snap).resolve(RequestInfo("svcb", "GET", "/other", []))
 
 
 def test_split_authority() -> None:
@@ -147,3 +154,11 @@ def test_exclude_and_exhaustion() -> None:
     assert b.pick(eps, {("127.0.0.1", 1000), ("127.0.0.1", 1001)}) is None
     with pytest.raises(ValueError):
         Balancer("fastest")
+
+
+@pytest.mark.parametrize("policy", ["ring_hash", "maglev"])
+def test_hash_policies_work_through_the_old_api(policy: str) -> None:
+    b, eps = Balancer(policy, rand=random.Random(2).randrange), _eps(3)
+    assert len({b.pick(eps).port for _ in range(300)}) == 3      # no hash key: random hash
+    assert b.pick(eps, {("127.0.0.1", 1000), ("127.0.0.1", 1001)}).port == 1002
+    assert b.pick(eps[:1], {("127.0.0.1", 1000)}) is None

@@ -112,7 +112,8 @@ BAD_FILES = [
         ROUTE_HEAD + 'destinations = [{ host = "x" }]\nbogus = 1\n',
         [
             'r.toml:6: route[0].http[0].bogus: unknown field "bogus", '
-            "expected one of: name, match, destinations"
+            "expected one of: name, match, destinations, timeout, retries, fault, mirror, "
+            "rewrite, redirect, direct_response, headers"
         ],
     ),
     (
@@ -121,7 +122,7 @@ BAD_FILES = [
         'destinations = [{ host = "x" }]\n',
         [
             'r.toml:5: route[0].http[0].match[0].headers.user-agent.regx: unknown field "regx", '
-            "expected one of: exact, prefix, regex"
+            "expected one of: exact, prefix, suffix, regex, present, absent, invert"
         ],
     ),
     (
@@ -229,7 +230,7 @@ BAD_FILES = [
         '[[destination]]\nname = "d"\nhost = "svcb"\nload_balancer = "fastest"\n',
         [
             'r.toml:4: destination[0].load_balancer: invalid value "fastest", '
-            "expected one of: round_robin, least_request, random"
+            "expected one of: round_robin, least_request, random, ring_hash, maglev"
         ],
     ),
     (
@@ -256,7 +257,8 @@ BAD_FILES = [
         'destinations = [{ host = "x" }]\n',
         [
             "r.toml:5: route[0].http[0].match[0].path: "
-            "set exactly one of exact, prefix, regex (got exact and prefix)"
+            "set exactly one of exact, prefix, suffix, regex, present, absent "
+            "(got exact and prefix)"
         ],
     ),
     (
@@ -265,7 +267,7 @@ BAD_FILES = [
         '[[route.http.destinations]]\nhost = "x"\n',
         [
             "r.toml:6: route[0].http[0].match[0].headers.x-test: "
-            "set exactly one of exact, prefix, regex (got none)"
+            "set exactly one of exact, prefix, suffix, regex, present, absent (got none)"
         ],
     ),
     (

@@ -1,0 +1,73 @@
+"""What every ``meshd`` CLI command shares: the API client, failing with one line, errors.
+
+``Api(addr, token)`` wraps an ``httpx.Client`` on meshd's address with the join token
+(``Authorization: Bearer``); ``set_author`` adds the ``x-meshd-author`` header (percent-encoded
+UTF-8) that rule history records. ``fail(msg, code)`` prints ``error: msg`` to stderr and exits.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import sys
+import urllib.parse
+from typing import Any, NoReturn
+
+import click
+import httpx
+
+DEFAULT_ADDR = "http://127.0.0.1:15010"
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def default_author() -> str:
+    """``$USER@hostname`` (the login name from the password database if ``$USER`` is unset)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and a uid without a passwd entry (containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+class Api:
+    """Thin sync client for meshd's API; errors become ``fail``."""
+
+    def __init__(self, addr: str, token: str) -> None:
+        self.addr = addr.rstrip("/")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.addr, headers=headers, timeout=10.0)
+
+    def set_author(self, author: str) -> None:
+        """Send ``author`` as ``x-meshd-author`` on every later call."""
+        self.client.headers["x-meshd-author"] = urllib.parse.quote(author, safe=" !#$&'()*+,/:;=?@[]~")
+
+    def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        try:
+            resp = self.client.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach meshd at {self.addr}: {exc}")
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"error": resp.text.strip() or f"HTTP {resp.status_code}"}
+        if resp.status_code == 401:
+            fail("meshd refused the join token (set MESHD_TOKEN)")
+        return resp.status_code, body
+
+
+pass_api = click.make_pass_decorator(Api)
+
+
+def print_errors(body: dict[str, Any]) -> None:
+    """An API error body as ``file:line: field: reason`` lines on stderr."""
+    errors = body.get("errors") or []
+    for e in errors:
+        where = f"{e['file']}:{e['line']}" if e.get("line") else e["file"]
+        click.echo(f"{where}: {e['field']}: {e['reason']}" if e.get("field")
+                   else f"{where}: {e['reason']}", err=True)
+    if not errors:
+        click.echo(f"error: {body.get('error')}", err=True)
