@@ -10,12 +10,17 @@ from dataclasses import dataclass
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (``/proc/<pid>/stat`` fields 14 and 15)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` (``/proc/<pid>/stat`` fields 14 and 15)."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         # the command name (field 2) may hold spaces: split after its closing parenthesis
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds."""
+    return sum(cpu_split(pid))
 
 
 def rss_mb(pid: int) -> float:

@@ -18,9 +18,11 @@ import sys
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from loadgen import run_wrk, write_script
+import procinfo
+from loadgen import WrkResult, run_wrk, write_script
 from report import ONE, TWO
 from run import Bench, Options
 
@@ -59,25 +61,40 @@ def print_report(collapsed: str, top: int) -> None:
             print(f"  {100 * n / max(1, samples):5.1f}%  {frame}")
 
 
+def cost_per_request(pid: int, work: Callable[[], WrkResult]) -> tuple[WrkResult, float, float]:
+    """Run ``work``; return its result and ``pid``'s user and system CPU µs per request."""
+    user0, sys0 = procinfo.cpu_split(pid)
+    result = work()
+    user1, sys1 = procinfo.cpu_split(pid)
+    n = max(1, result.requests)
+    return result, (user1 - user0) * 1e6 / n, (sys1 - sys0) * 1e6 / n
+
+
 def profile(bench: Bench, target: str, seconds: float, svg: Path | None, raw: Path | None,
             top: int, gil: bool) -> None:
-    """Start the stack, load ``target`` for ``seconds`` while py-spy samples, print hot spots."""
+    """Start the stack, load ``target`` for ``seconds`` while py-spy samples, print hot spots.
+
+    A first run without py-spy measures the sidecar's user and system CPU per request.
+    """
     role = "origin-sidecar" if target == ONE else "client-sidecar"
     bench.start()
-    pid, workdir = bench.pids[role], bench.workdir
+    pid, workdir, conns = bench.pids[role], bench.workdir, bench.opts.connections
+    script = write_script(workdir, None)
+    res, user, system = cost_per_request(
+        pid, lambda: run_wrk(bench.targets[target], script, seconds, conns))
+    print(f"{role} (pid {pid}) under wrk -t1 -c{conns} on {target}: {res.rps:.0f} req/s, "
+          f"CPU per request: user {user:.0f} µs + system {system:.0f} µs (no profiler attached)")
     raw = raw or workdir / "profile.txt"
     spies = [record(pid, seconds, raw, "raw", gil)]
     if svg is not None:
         spies.append(record(pid, seconds, svg, "flamegraph", gil))
-    load = threading.Thread(target=run_wrk, args=(bench.targets[target], write_script(workdir, None),
-                                                  seconds + 2, bench.opts.connections))
+    load = threading.Thread(target=run_wrk, args=(bench.targets[target], script, seconds + 2, conns))
     load.start()
     for spy in spies:
         _, err = spy.communicate(timeout=seconds + 60)
         if spy.returncode != 0:
             raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')}")
     load.join(timeout=seconds + 60)
-    print(f"py-spy of the {role} (pid {pid}) under wrk -t1 -c{bench.opts.connections} on {target}")
     print_report(raw.read_text(), top)
 
 

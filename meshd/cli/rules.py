@@ -56,6 +56,8 @@ def rule_push(api: Api, file: str, dry_run: bool, author: str) -> None:
         sys.exit(2)
     changes = body.get("changes", [])
     _print_changes(changes, " (dry run)" if dry_run else "d")
+    for w in body.get("warnings", []):
+        click.echo(f"warning: {w['file']}:{w['line']}: {w['field']}: {w['reason']}", err=True)
     if not changes:
         click.echo("no changes")
     if "revision" in body:
@@ -158,3 +160,65 @@ def rule_rollback(api: Api, rev: int, author: str) -> None:
         return
     _print_changes(body["changes"])
     click.echo(f"revision {body['revision']} (rollback to {rev})\nversion {body['version']}")
+
+
+def _pairs(values: tuple[str, ...], sep: str, what: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, found, val = v.partition(sep)
+        if not found or not k.strip():
+            raise click.BadParameter(f"{v!r} is not {what}")
+        out[k.strip().lower() if sep == ":" else k.strip()] = val.strip()
+    return out
+
+
+@rule.command("simulate")
+@click.option("--host", required=True, help="destination host[:port], e.g. svcb")
+@click.option("--method", default="GET", show_default=True)
+@click.option("--path", default="/", show_default=True, help="path and query")
+@click.option("-H", "--header", "headers", multiple=True, help="'name: value' (repeatable)")
+@click.option("--source", default="", help="calling service")
+@click.option("--source-label", "source_labels", multiple=True, help="key=value (repeatable)")
+@click.option("--rules", "rules_file", type=click.Path(exists=True, dir_okay=False),
+              help="simulate with these proposed rules merged over the live ones")
+@click.option("--json", "as_json", is_flag=True, help="print the raw JSON answer")
+@pass_api
+def rule_simulate(api: Api, host: str, method: str, path: str, headers: tuple[str, ...],
+                  source: str, source_labels: tuple[str, ...], rules_file: str | None,
+                  as_json: bool) -> None:
+    """Show which route, subsets, policies and fault a request would hit, and why."""
+    doc: dict[str, object] = {
+        "host": host, "method": method, "path": path, "headers": _pairs(headers, ":", "name: value"),
+        "source": source, "source_labels": _pairs(source_labels, "=", "key=value")}
+    if rules_file:
+        doc["rules"], doc["file"] = Path(rules_file).read_text(encoding="utf-8"), rules_file
+    status, body = api.call("POST", "/v1/rules/simulate", json=doc)
+    if status != 200:
+        print_errors(body)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    _print_simulation(body)
+
+
+def _print_simulation(body: dict[str, Any]) -> None:
+    req = body["request"]
+    click.echo(f"request: {req['method']} {body['host']}{req['path']}"
+               f"{' from ' + req['source'] if req['source'] else ''}")
+    for step in body.get("trace", []):
+        mark = "MATCH" if step["matched"] else "skip "
+        click.echo(f"  {mark} route {step['route']}" + ("" if step["matched"]
+                                                        else f"  ({step['why_not']})"))
+    outcome = body["outcome"]
+    if outcome == "route":
+        click.echo(f"route: {body['route']}")
+        for d in body["destinations"]:
+            click.echo(f"  -> {d['share_percent']:g}% subset {d['subset']} ({d['cluster']}, "
+                       f"{d['load_balancer']}): {', '.join(d['endpoints']) or 'NO ENDPOINTS'}")
+        for name, value in body["policies"].items():
+            click.echo(f"  {name}: {json.dumps(value)}")
+    elif outcome == "egress":
+        click.echo(f"egress allowed: {json.dumps(body['egress'])}")
+    else:
+        click.echo(f"{outcome}: {body['reason']}")

@@ -5,6 +5,7 @@
 * ``svca``  ``GET /pay``    -> calls ``http://svcb/notify``
 * ``svcb``  ``GET /notify`` -> calls ``http://msgd.example/send`` (outside the mesh)
 * ``msgd``  ``GET /send``   -> ``{"sent": true}``
+* ``static`` any path       -> ``--status`` after ``--delay`` seconds (a test upstream)
 
 Outgoing calls use ``urllib`` with the standard ``HTTP_PROXY`` variable, which the demo points
 at the app's sidecar outbound port — the "no code change" path. Apps forward the tracing and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +26,7 @@ PROPAGATE = ("user-agent", "x-request-id", "traceparent", "tracestate", "b3", "x
              "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
 CALL_TIMEOUT = 10.0  # seconds
 CALLS = {"svca": ("/pay", "http://svcb/notify"), "svcb": ("/notify", "http://msgd.example/send"),
-         "msgd": ("/send", None)}
+         "msgd": ("/send", None), "static": ("*", None)}
 
 
 def call(url: str, headers: dict[str, str]) -> tuple[int, object]:
@@ -42,7 +44,9 @@ def call(url: str, headers: dict[str, str]) -> tuple[int, object]:
         return 599, str(exc)
 
 
-def make_handler(name: str, version: str, instance: str) -> type[BaseHTTPRequestHandler]:
+def make_handler(name: str, version: str, instance: str, status: int = 200,
+                 delay: float = 0.0) -> type[BaseHTTPRequestHandler]:
+    """``static`` answers every path with ``status`` after ``delay`` seconds (test upstream)."""
     path, downstream = CALLS[name]
 
     class Handler(BaseHTTPRequestHandler):
@@ -59,7 +63,17 @@ def make_handler(name: str, version: str, instance: str) -> type[BaseHTTPRequest
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            self.rfile.read(length)
+            self.do_GET()
+
         def do_GET(self) -> None:
+            if name == "static":
+                time.sleep(delay)
+                self._send(status, {"service": name, "version": version, "instance": instance,
+                                    "path": self.path, "headers": dict(self.headers.items())})
+                return
             if self.path.split("?", 1)[0] != path:
                 self._send(404, {"error": f"{name} serves {path}"})
                 return
@@ -69,10 +83,10 @@ def make_handler(name: str, version: str, instance: str) -> type[BaseHTTPRequest
                 self._send(200, doc)
                 return
             fwd = {k: v for k, v in self.headers.items() if k.lower() in PROPAGATE}
-            status, answer = call(downstream, fwd)
+            code, answer = call(downstream, fwd)
             doc["downstream"] = answer
-            doc["downstream_status"] = status
-            self._send(200 if status == 200 else 502, doc)
+            doc["downstream_status"] = code
+            self._send(200 if code == 200 else 502, doc)
 
     return Handler
 
@@ -84,8 +98,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--version", default="v1")
     parser.add_argument("--instance", default="")
+    parser.add_argument("--status", type=int, default=200, help="static: status to answer")
+    parser.add_argument("--delay", type=float, default=0.0, help="static: seconds before answering")
     args = parser.parse_args()
-    handler = make_handler(args.name, args.version, args.instance or f"{args.name}-{args.port}")
+    handler = make_handler(args.name, args.version, args.instance or f"{args.name}-{args.port}",
+                           args.status, args.delay)
     server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
     server.serve_forever()

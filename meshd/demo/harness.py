@@ -102,16 +102,21 @@ class MeshHarness:
         return self._spawn(name, ["meshd.demo.apps", app, "--port", str(port), *extra], env)
 
     def add_service(self, name: str, service: str, app: str | None = None,
-                    labels: dict[str, str] | None = None) -> Sidecar:
-        """Start ``app`` (demo app name, or none) and its sidecar; returns the Sidecar record."""
+                    labels: dict[str, str] | None = None, **app_opts: str) -> Sidecar:
+        """Start ``app`` (a demo app name, ``"httpbin"``, or none) and its sidecar.
+
+        ``app_opts`` become ``--key value`` options of the demo app (e.g. status="500")."""
         sc = Sidecar(name, service, free_port(), free_port(), free_port(), free_port(),
                      self.workdir / f"{name}.toml", dict(labels or {}))
         sc.config.write_text(self._bootstrap(sc))
         proxy_env = {"HTTP_PROXY": f"http://127.0.0.1:{sc.outbound}", "NO_PROXY": ""}
-        if app is not None:
+        if app == "httpbin":
+            sc.procs.append(self._spawn(f"{name}-app", ["httpbin.core", "--port", str(sc.app_port),
+                                                        "--host", "127.0.0.1"]))
+        elif app is not None:
             version = sc.labels.get("version", "v1")
             sc.procs.append(self.start_app(f"{name}-app", app, sc.app_port, proxy_env,
-                                           version=version, instance=name))
+                                           version=version, instance=name, **app_opts))
         sc.procs.append(self._spawn(name, ["sidecar.main", "run", "--config", str(sc.config),
                                            "--log-level", "warning"]))
         self.sidecars[name] = sc
@@ -125,6 +130,16 @@ class MeshHarness:
                 f'admin_port = {sc.admin}\nmeshd_addr = "{self.meshd_addr}"\n'
                 f'data_dir = "{self.workdir / sc.name}"\nttl = {self.ttl}\n'
                 f'drain_seconds = {self.drain}\ntoken = "{self.token}"\n')
+
+    def wait_app(self, name: str, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the app of ``name`` accepts connections on its port."""
+        port = self.sidecars[name].app_port
+
+        def up() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+
+        wait_until(up, timeout, f"app of {name} on port {port}")
 
     def restart_sidecar(self, name: str) -> None:
         sc = self.sidecars[name]

@@ -41,8 +41,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from meshd.errors import ConfigError, RuleValidationError
+from meshd.rules import validate as rv
 from meshd.rules.schema import KINDS
 from meshd.server.control import ControlPlane
+from meshd.server.simulate import parse_request, simulate
 from meshd.snapshot.compile import NodeInfo
 from registry.model import Instance
 
@@ -232,6 +234,20 @@ def build_app(cp: ControlPlane, token: str = "") -> Starlette:
             return await handler(request)
         return wrapped
 
+    async def simulate_rule(request: Request) -> Response:
+        try:
+            doc = msgspec.json.decode(await request.body())
+            sim = parse_request(doc if isinstance(doc, dict) else {})
+            rules = cp.rules
+            if doc.get("rules"):
+                _, rules = rv.validate_push(str(doc["rules"]), str(doc.get("file") or "<proposed>"),
+                                            cp.rules, cp._source_tuples())
+        except (msgspec.DecodeError, ValueError) as exc:
+            return _error(f"bad simulate request: {exc}", 400)
+        except RuleValidationError as exc:
+            return _error("proposed rules rejected", 400, exc.errors)
+        return _json(simulate(rules, cp.instances(), sim))
+
     routes = [
         Route("/healthz", healthz),
         Route("/v1/registry/instances", guard(register), methods=["POST"]),
@@ -241,6 +257,7 @@ def build_app(cp: ControlPlane, token: str = "") -> Starlette:
         Route("/v1/rules", guard(push_rules), methods=["POST"]),
         Route("/v1/rules", guard(list_rules), methods=["GET"]),
         Route("/v1/rules/history", guard(history)),
+        Route("/v1/rules/simulate", guard(simulate_rule), methods=["POST"]),
         Route("/v1/rules/history/{rev:int}", guard(revision)),
         Route("/v1/rules/diff", guard(rule_diff)),
         Route("/v1/rules/rollback/{rev:int}", guard(rollback), methods=["POST"]),

@@ -108,7 +108,8 @@ class ControlPlane:
         pushed, merged = rv.validate_push(text, file, self.rules, self._source_tuples())
         self._check_compiles(merged, file)
         changes = [c for c in rv.diff(self.rules, merged)]
-        result: dict[str, object] = {"changes": [list(c) for c in changes], "dry_run": dry_run}
+        result: dict[str, object] = {"changes": [list(c) for c in changes], "dry_run": dry_run,
+                                     "warnings": [w.to_dict() for w in rv.warnings(pushed, text, file)]}
         if dry_run or not changes:
             result["version"] = str(self.version)
             return result

@@ -88,3 +88,24 @@ def simulate(rules: RulesFile, instances: Sequence[Instance], req: SimRequest) -
     route = target.policy
     return {**result, "outcome": "route", "route": route.name,
             "destinations": _destinations(snap, route), "policies": _policies(route)}
+
+
+def _mapping(value: object, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"{what} must be an object of strings")
+    return {str(k): v for k, v in value.items()}
+
+
+def parse_request(doc: dict[str, object]) -> SimRequest:
+    """The API body ``{"host", "method", "path", "headers", "source", "source_labels"}``;
+    raises ValueError naming the bad field."""
+    host = doc.get("host")
+    if not isinstance(host, str) or not host:
+        raise ValueError("host is required")
+    return SimRequest(host=host, method=str(doc.get("method") or "GET"),
+                      path=str(doc.get("path") or "/"),
+                      headers=_mapping(doc.get("headers"), "headers"),
+                      source=str(doc.get("source") or ""),
+                      source_labels=_mapping(doc.get("source_labels"), "source_labels"))

@@ -11,7 +11,7 @@ static endpoints unioned).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshd.rules import schema as rs
@@ -19,7 +19,6 @@ from meshd.rules.units import duration, optional_duration
 from meshd.snapshot import model as sm
 from meshd.snapshot.routes import virtual_hosts
 from registry.model import Instance
-
 
 
 @dataclass(frozen=True, slots=True)

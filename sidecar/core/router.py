@@ -202,7 +202,8 @@ class Router:
                 return self._target(host, route)
         raise NoRouteFound(f"no route of {host} matches {req.method} {req.path}")
 
-    def explain(self, req: RequestInfo) -> tuple[list[tuple[str, str | None]], MeshTarget | EgressTarget | None]:
+    def explain(self, req: RequestInfo,
+                ) -> tuple[list[tuple[str, str | None]], MeshTarget | EgressTarget | None]:
         """Per route in order ``(name, reason it did not match or None)`` up to the first match,
         and the target (None when nothing matched). Egress/deny decisions raise like resolve."""
         host, port = split_authority(req.authority)

@@ -95,6 +95,7 @@ class ClusterRuntimes:
             if rt is None:
                 rt = self._by_name[name] = ClusterRuntime(cluster, self.local_labels)
             rt.update(cluster, applied.endpoints.get(name, ()), now)
+            rt.release()  # new limits may admit queued requests
 
     def get(self, name: str) -> ClusterRuntime | None:
         return self._by_name.get(name)

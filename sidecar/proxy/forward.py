@@ -64,7 +64,7 @@ class Forwarder:
         self.rand = random.Random()
 
     async def forward(self, rt: ClusterRuntime, head: RequestHead, body: Body | bytes,
-                      *, timeout: float | None, retry: RetryPolicy | None,
+                      *, timeout: float | None, retry: RetryPolicy | None,  # noqa: ASYNC109
                       hash_key: int | None) -> tuple[Response, Endpoint]:
         """Response and the endpoint that gave it; raises a MeshError with status and flag."""
         with trio.move_on_after(timeout or DEFAULT_ROUTE_TIMEOUT):
@@ -88,8 +88,11 @@ class Forwarder:
                     policy, status=result.response.head.status):
                 return result.response, result.endpoint  # type: ignore[return-value]
             last = result
-            replayable = isinstance(body, bytes | bytearray) or result.failure == "connect-failure"
-            if (n == policy.attempts or not may_retry_request(policy, head.method, replayable)
+            sent = result.failure != "connect-failure"
+            replayable = isinstance(body, bytes | bytearray) or not sent
+            if (n == policy.attempts or (result.error is not None and result.failure is None)
+                    or not may_retry_request(policy, head.method, replayable, request_sent=sent)
+                    or not retriable_outcome(policy, result)
                     or not rt.breaker.try_start_retry()):
                 break
             retrying = True
@@ -120,18 +123,27 @@ class Forwarder:
         return attempt
 
     async def _admit(self, rt: ClusterRuntime) -> None:
-        while True:
-            verdict = rt.breaker.admit()
-            if verdict == "go":
-                rt.breaker.start_request()
-                return
-            if verdict == "overflow":
-                raise Overflow(f"circuit breaker open for {rt.cluster.name}")
-            rt.breaker.start_pending()
-            try:
+        """Envoy pool admission: go, or queue behind earlier waiters, or overflow (503 UO)."""
+        queued = False
+        try:
+            while True:
+                verdict = rt.breaker.admit(queued=queued)
+                if verdict == "go":
+                    if queued:
+                        rt.breaker.finish_pending()
+                        queued = False
+                    rt.breaker.start_request()
+                    return
+                if verdict == "overflow":
+                    raise Overflow(f"circuit breaker open for {rt.cluster.name}")
+                if not queued:
+                    rt.breaker.start_pending()
+                    queued = True
                 await rt.wait_released()
-            finally:
+        except BaseException:
+            if queued:
                 rt.breaker.finish_pending()
+            raise
 
     async def _send(self, rt: ClusterRuntime, ep: Endpoint, head: RequestHead,
                     body: Body | bytes, policy: RetryPolicy) -> Attempt:
@@ -164,6 +176,12 @@ class Forwarder:
         rt.picker.finished(ep)
         rt.breaker.finish_request()
         rt.release()
+
+
+def retriable_outcome(policy: RetryPolicy, result: Attempt) -> bool:
+    if result.failure is not None:
+        return retriable(policy, failure=result.failure)
+    return result.response is not None and retriable(policy, status=result.response.head.status)
 
 
 def _name(ep: Endpoint) -> str:

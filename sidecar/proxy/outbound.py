@@ -14,6 +14,7 @@ that retries and mirrors can replay them (Envoy buffers for retries the same way
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 import uuid
@@ -37,8 +38,7 @@ from sidecar.http.client import UpstreamPool
 from sidecar.http.messages import Body, ConnInfo, RequestHead, Response, body_length
 from sidecar.metrics import Metrics, Peer
 from sidecar.proxy.clusters import ClusterRuntimes
-from sidecar.proxy.common import PEER_HEADER, error_response, local_reply, observed
-from sidecar.proxy.common import peer_header_value
+from sidecar.proxy.common import PEER_HEADER, error_response, local_reply, observed, peer_header_value
 from sidecar.proxy.forward import Forwarder
 from sidecar.proxy.mirror import Mirror
 from sidecar.state import Applied, State
@@ -114,7 +114,7 @@ class Outbound:
         assert route is not None
         local = self._local_action(route, head)
         if local is not None:
-            return local, Peer(app=target.host, workload=target.host), "-"
+            return _with_response_ops(local, route), Peer(app=target.host, workload=target.host), "-"
         fault = fault_decision(route.fault, lambda: self.rand.uniform(0, 100))
         flags = "-"
         if fault.delay is not None:
@@ -131,11 +131,7 @@ class Outbound:
         resp, ep = await self.forwarder.forward(
             rt, out.replace(headers=(*out.headers, (PEER_HEADER, self._peer_value))), payload,
             timeout=route.timeout, retry=route.retry, hash_key=self._hash_key(rt, head, info))
-        if route.response_headers is not None:
-            resp.head = resp.head.__class__(
-                status=resp.head.status, reason=resp.head.reason,
-                headers=apply_header_ops(resp.head.headers, route.response_headers))
-        return resp, _peer_of(ep, target.host), flags
+        return _with_response_ops(resp, route), _peer_of(ep, target.host), flags
 
     def _local_action(self, route: Route, head: RequestHead) -> Response | None:
         if route.direct_response is not None:
@@ -190,6 +186,14 @@ async def _buffer_small(body: Body) -> Body | bytes:
     if length == 0:
         return b""
     return b"".join([bytes(chunk) async for chunk in body])
+
+
+def _with_response_ops(resp: Response, route: Route) -> Response:
+    """Istio ``headers.response`` applies to every answer of the route, local ones included."""
+    if route.response_headers is not None:
+        resp.head = dataclasses.replace(
+            resp.head, headers=apply_header_ops(resp.head.headers, route.response_headers))
+    return resp
 
 
 def _peer_of(ep: Endpoint, host: str) -> Peer:

@@ -94,7 +94,8 @@ def test_host_without_route_rule_gets_default_route() -> None:
 
 def test_egress_allowed_only_for_listed_host_and_port() -> None:
     r = _router()
-    assert r.resolve(RequestInfo("msgd.example", "GET", "/", [])) == EgressTarget("msgd.example", 80, ("127.0.0.1:9100",))
+    target = r.resolve(RequestInfo("msgd.example", "GET", "/", []))
+    assert target == EgressTarget("msgd.example", 80, ("127.0.0.1:9100",))
     with pytest.raises(PolicyDenied):
         r.resolve(RequestInfo("msgd.example:8080", "GET", "/", []))
     with pytest.raises(PolicyDenied):

@@ -110,6 +110,6 @@ def test_explain_names_the_failing_condition_per_route() -> None:
 def test_suffix_and_invert_agree_with_str_methods(path: str) -> None:
     r = _router()
     req = RequestInfo("svcb", "GET", "/" + path, ())
-    trace, target = r.explain(req)
+    trace, _ = r.explain(req)
     matched = dict(trace).get("json-not-debug", "x") is None
     assert matched == ("/" + path).endswith(".json")
