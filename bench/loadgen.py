@@ -45,6 +45,7 @@ class WrkResult:
 
     @property
     def rps(self) -> float:
+        """Achieved requests per second over the whole run."""
         return self.requests / self.seconds if self.seconds else 0.0
 
 

@@ -76,6 +76,7 @@ class CpuWindow:
     _t0: float = 0.0
 
     def start(self) -> None:
+        """Take the first readings."""
         self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self._children0 = children_cpu_seconds()
         self._host0 = host_busy_ticks()

@@ -54,6 +54,7 @@ def record(pid: int, seconds: float, out: Path, fmt: str, gil: bool) -> subproce
 
 
 def print_report(collapsed: str, top: int) -> None:
+    """Print the ``top`` frames by self and by inclusive samples, in percent of all samples."""
     own, total, samples = hot_spots(collapsed, top)
     for title, rows in (("self", own), ("total (inclusive)", total)):
         print(f"\ntop {top} by {title}, {samples} samples")
@@ -99,6 +100,7 @@ def profile(bench: Bench, target: str, seconds: float, svg: Path | None, raw: Pa
 
 
 def main() -> int:
+    """Command line: profile one sidecar target, always stopping every process."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", choices=(ONE, TWO), default=ONE)
     p.add_argument("--duration", type=float, default=10.0)

@@ -15,6 +15,7 @@ BELOW_RATE = 0.9  # achieved < 90 % of the offered rate: the latency includes qu
 
 
 def _r(x: float, digits: int = 3) -> float:
+    """Round for the JSON and the tables."""
     return round(x, digits)
 
 
@@ -88,6 +89,7 @@ def target_checks(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*header), "-+-".join("-" * w for w in widths)]
@@ -95,6 +97,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def full_table(full: dict[str, Any]) -> str:
+    """The full-load table: req/s, ratio to HAProxy, latency, CPU of proxy, wrk and others."""
     rows = [[n, f"{r['rps']:.0f}", f"{r['ratio_to_haproxy']:.3f}", f"{r['p50_ms']:.3f}",
              f"{r['p99_ms']:.3f}", " + ".join(f"{v:.2f}" for v in r["proxy_vcpu"].values()) or "-",
              f"{r['wrk_vcpu']:.2f}", f"{r['other_cpu_cores']:.2f}", str(r["errors"] + r["non_2xx"])]
@@ -104,6 +107,7 @@ def full_table(full: dict[str, Any]) -> str:
 
 
 def paced_table(paced: dict[str, Any]) -> str:
+    """The fixed-rate table: achieved rate, latency, added latency, proxy vCPU per 1000 req/s."""
     rows = []
     for n, r in paced.items():
         cpu = r["vcpu_per_1000rps"]

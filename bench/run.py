@@ -64,6 +64,7 @@ class Options:
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
+    """The command line as ``Options``; exits with a usage error on bad values."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (10)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each run (2)")
@@ -180,6 +181,7 @@ class Bench:
         return result, window.stop()
 
     def close(self) -> None:
+        """Stop the mesh (meshd, sidecars), then nginx and HAProxy."""
         try:
             self.mesh.close()
         finally:
@@ -224,6 +226,7 @@ def versions(origin: str) -> dict[str, str]:
 
 
 def _cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo``."""
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
             if line.startswith("model name"):
@@ -257,10 +260,12 @@ def run_all(bench: Bench) -> dict[str, Any]:
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so every ``finally`` stops its processes."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the report, optionally write JSON; 0 on success, 130 on Ctrl-C."""
     opts = parse_args(argv)
     if opts.install:
         stack.install_missing(["wrk", "haproxy", *(["nginx"] if opts.use_nginx else [])])

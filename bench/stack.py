@@ -73,6 +73,7 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``args`` in its own session, output to ``<workdir>/<name>.log``."""
         with open(self.workdir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
@@ -80,6 +81,7 @@ class Procs:
         return proc
 
     def close(self) -> None:
+        """SIGTERM every process still running, SIGKILL those left after ``STOP_GRACE``."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -188,10 +190,12 @@ class Mesh:
 
     @staticmethod
     def pid(sidecar: Sidecar | None) -> int:
+        """The process id of a started sidecar."""
         assert sidecar is not None and sidecar.procs, "mesh not started"
         return sidecar.procs[-1].pid
 
     def close(self) -> None:
+        """Stop meshd and the sidecars (``MeshHarness.close``)."""
         self.http.close()
         self.harness.close()
 

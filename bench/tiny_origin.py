@@ -47,6 +47,7 @@ async def serve(ports: list[int], size: int) -> None:
 
 
 def main() -> None:
+    """Command line: ``--port`` (repeatable) and ``--size``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, action="append", required=True)
     parser.add_argument("--size", type=int, default=1024)

@@ -24,6 +24,7 @@ from sidecar import bootstrap
 from sidecar.admin import Admin
 from sidecar.control import Subscription
 from sidecar.http.client import UpstreamPool
+from sidecar.http.limits import ClientLimits
 from sidecar.http.messages import ConnInfo, Handler
 from sidecar.http.server import serve_http1
 from sidecar.metrics import Metrics
@@ -34,6 +35,7 @@ from sidecar.registration import Registration
 from sidecar.state import State
 
 log = logging.getLogger("sidecar")
+OUTBOUND_RESPONSE_TIMEOUT = 24 * 3600.0  # seconds; the route timeout (default 15 s) decides
 
 
 def _addr(sockname: object) -> tuple[str, int] | None:
@@ -65,7 +67,9 @@ async def run(boot: bootstrap.Bootstrap) -> None:
         sub = Subscription(boot, state, metrics, client)
         sub.load_cache()
         reg = Registration(boot, client)
-        pool_out, pool_in = UpstreamPool(), UpstreamPool()
+        # route timeouts (forwarder) bound the outbound wait for a response head, not the pool
+        pool_out = UpstreamPool(limits=ClientLimits(response_timeout=OUTBOUND_RESPONSE_TIMEOUT))
+        pool_in = UpstreamPool()
         async with trio.open_nursery() as nursery:
             outbound = Outbound(boot, state, pool_out, metrics, nursery)
             await _listen(nursery, outbound.handle, boot.outbound_address, boot.outbound_port)

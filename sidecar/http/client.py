@@ -123,7 +123,8 @@ class UpstreamPool:
         self._closed = False
         self._next_reap = 0.0
 
-    async def request(self, host: str, port: int, head: RequestHead, body: Body | bytes = b"") -> Response:
+    async def request(self, host: str, port: int, head: RequestHead, body: Body | bytes = b"",
+                      *, connect_timeout: float | None = None) -> Response:
         """Send ``head`` + ``body`` to ``host:port``; the response streams (see module doc)."""
         if self._closed:
             raise UpstreamConnectError("upstream pool is closed")
@@ -143,7 +144,7 @@ class UpstreamPool:
                 self._retries += 1
                 body = recorder.replay() if recorder is not None else body
         try:
-            conn = await self._open(key)
+            conn = await self._open(key, connect_timeout)
         except UpstreamConnectError as exc:
             if recorder is not None and recorder.touched:  # the body is no longer whole
                 raise _reset(UpstreamResetError, str(exc), request_sent=True) from exc
@@ -188,9 +189,9 @@ class UpstreamPool:
             if not stack:
                 del self._idle[key]
 
-    async def _open(self, key: Key) -> _Conn:
+    async def _open(self, key: Key, connect_timeout: float | None = None) -> _Conn:
         host, port = key
-        timeout = self._limits.connect_timeout
+        timeout = connect_timeout or self._limits.connect_timeout
         try:
             with trio.fail_after(timeout):
                 stream = await self._connect(host, port)

@@ -151,7 +151,8 @@ class Forwarder:
         per_try = policy.per_try_timeout or float("inf")
         try:
             with trio.move_on_after(per_try) as scope:
-                attempt.response = await self.pool.request(ep.address, ep.port, head, body)
+                attempt.response = await self.pool.request(
+                    ep.address, ep.port, head, body, connect_timeout=rt.cluster.connect_timeout)
             if scope.cancelled_caught:
                 attempt.failure, attempt.error = "timeout", UpstreamTimeoutError(
                     f"{_name(ep)}: no response within per_try_timeout {per_try:g} s")

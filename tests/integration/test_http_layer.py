@@ -240,6 +240,24 @@ async def test_slowloris_head_deadline_is_for_the_whole_head(nursery: trio.Nurse
     assert trio.current_time() - start < 1.0
 
 
+async def test_stalled_request_body_gets_408(nursery: trio.Nursery) -> None:
+    echo = Echo()
+    port = await start_server(nursery, echo, ServerLimits(stream_idle_timeout=0.2))
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all((H + "Content-Length: 10\r\n\r\nabc").encode())
+        responses = parse_responses(await read_until_eof(stream, within=2))
+    assert [(r[0], r[1].get("connection")) for r in responses] == [(408, "close")]
+    assert echo.calls == 1  # the handler was reading the body when the timer fired
+
+
+async def test_max_requests_per_connection(nursery: trio.Nursery) -> None:
+    port = await start_server(nursery, Echo(), ServerLimits(max_requests_per_connection=2))
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(GOOD * 3)
+        responses = parse_responses(await read_until_eof(stream))
+    assert [(r[0], r[1].get("connection")) for r in responses] == [(200, None), (200, "close")]
+
+
 async def test_idle_connection_closed_without_response(nursery: trio.Nursery) -> None:
     port = await start_server(nursery, Echo(), ServerLimits(idle_timeout=0.1))
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -628,8 +646,9 @@ async def test_pool_stream_idle_timeouts(nursery: trio.Nursery) -> None:
 
     pool = UpstreamPool(limits=ClientLimits(stream_idle_timeout=0.2))
     post = RequestHead("POST", "/", (("host", "up"),))
-    with pytest.raises(UpstreamTimeoutError, match="sending stalled"):
-        await pool.request("127.0.0.1", await start_raw(nursery, never_reads), post, pattern(64 * MiB))
+    never = await start_raw(nursery, never_reads)
+    with pytest.raises(UpstreamTimeoutError, match="sending stalled"), trio.fail_after(5):
+        await pool.request("127.0.0.1", never, post, pattern(64 * MiB))
     resp = await pool.request("127.0.0.1", await start_raw(nursery, stalls_mid_body), get())
     with pytest.raises(UpstreamTimeoutError):
         await body_of(resp)
