@@ -56,6 +56,9 @@ class Api:
             body = {"error": resp.text.strip() or f"HTTP {resp.status_code}"}
         if resp.status_code == 401:
             fail("meshd refused the join token (set MESHD_TOKEN)")
+        if resp.status_code == 403 and "errors" not in body:
+            fail(f"meshd: not allowed: {body.get('reason') or body.get('error')} "
+                 "(this needs the operator token in MESHD_TOKEN)")
         return resp.status_code, body
 
 

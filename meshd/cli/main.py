@@ -1,10 +1,10 @@
 """``meshd``: the controller (``meshd serve``) and the operator CLI, with click.
 
 ``MESHD_ADDR`` (default ``http://127.0.0.1:15010``) selects the controller and ``MESHD_TOKEN``
-supplies the join token, as ``CONSUL_HTTP_ADDR``/``CONSUL_HTTP_TOKEN`` do for consul. Every
+supplies the operator token, as ``CONSUL_HTTP_ADDR``/``CONSUL_HTTP_TOKEN`` do for consul. Every
 failure prints one clear line to stderr and exits non-zero (2 for usage/validation, 1 for
-connection or server errors). The ``rule`` group lives in ``meshd.cli.rules``, the API client
-in ``meshd.cli.client``.
+connection or server errors). The ``rule`` group lives in ``meshd.cli.rules``, ``token``,
+``certs`` and ``ca`` in ``meshd.cli.identity``, the API client in ``meshd.cli.client``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import sys
 import click
 
 from meshd.cli.client import DEFAULT_ADDR, Api, fail, pass_api
+from meshd.cli.identity import register_identity_commands
 from meshd.cli.rules import rule
 
 
 @click.group()
 @click.option("--addr", envvar="MESHD_ADDR", default=DEFAULT_ADDR, show_default=True,
               help="meshd address (env MESHD_ADDR)")
-@click.option("--token", envvar="MESHD_TOKEN", default="", help="join token (env MESHD_TOKEN)")
+@click.option("--token", envvar="MESHD_TOKEN", default="", help="operator token (env MESHD_TOKEN)")
 @click.pass_context
 def main(ctx: click.Context, addr: str, token: str) -> None:
     """meshd — a service mesh for Docker Compose and plain VMs."""
@@ -29,6 +30,7 @@ def main(ctx: click.Context, addr: str, token: str) -> None:
 
 
 main.add_command(rule)
+register_identity_commands(main)  # token, certs, ca
 
 
 @main.command()
@@ -36,18 +38,31 @@ main.add_command(rule)
 @click.option("--data-dir", default="/var/lib/meshd", show_default=True,
               type=click.Path(file_okay=False), help="where meshd.db lives")
 @click.option("--token", "serve_token", envvar="MESHD_TOKEN", default="",
-              help="require this join token on the API")
+              help="operator token the API requires (env MESHD_TOKEN)")
+@click.option("--trust-domain", envvar="MESHD_TRUST_DOMAIN", default="cluster.local", show_default=True,
+              help="SPIFFE trust domain of workload identities")
+@click.option("--ca-cert", default="", help="plugged-in CA certificate (root or intermediate) PEM")
+@click.option("--ca-key", default="", help="private key PEM of --ca-cert")
+@click.option("--ca-bundle", default="", help="root(s) PEM to publish when --ca-cert is an intermediate")
+@click.option("--cert-ttl", default="24h", show_default=True, help="workload certificate lifetime")
 @click.option("--log-level", default="info", show_default=True)
-def serve(listen: str, data_dir: str, serve_token: str, log_level: str) -> None:
+def serve(listen: str, data_dir: str, serve_token: str, trust_domain: str, ca_cert: str, ca_key: str,
+          ca_bundle: str, cert_ttl: str, log_level: str) -> None:
     """Run the controller."""
     import trio
 
     from meshd.errors import ConfigError
+    from meshd.identity import parse_ttl
+    from meshd.identity.service import IdentityConfig
     from meshd.server.main import run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
-        trio.run(run, listen, data_dir, serve_token)
+        identity = IdentityConfig(trust_domain, ca_cert, ca_key, ca_bundle, parse_ttl(cert_ttl))
+    except ValueError as exc:
+        fail(f"--cert-ttl: {exc}", 2)
+    try:
+        trio.run(run, listen, data_dir, serve_token, identity)
     except ConfigError as exc:
         fail(str(exc), 2)
     except OSError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from meshd.rules import checks_security as security
 from meshd.rules import checks_traffic as traffic
 from meshd.rules.checks_traffic import TOKEN_RE, Path, Problem
 from meshd.rules.schema import (
@@ -49,6 +50,7 @@ def check_file(rules: RulesFile) -> list[Problem]:
         _egress(egress, ("egress", i), out)
     _unique_names(rules, out)
     _route_hosts(rules, out)
+    security.check_security(rules, out)
     return out
 
 

@@ -1,10 +1,12 @@
 """Rules v1: the TOML schema as frozen msgspec structs (shape only; semantics in ``validate``).
 
-A rules file holds any number of three kinds, each an array of tables::
+A rules file holds any number of five kinds, each an array of tables::
 
-    [[route]]        Istio VirtualService (RouteRule):   host -> ordered HTTP routes
-    [[destination]]  Istio DestinationRule (Policy):     subsets by label + load balancer
-    [[egress]]       Istio ServiceEntry (EgressRule):    allowed host:ports outside the mesh
+    [[route]]          Istio VirtualService (RouteRule):   host -> ordered HTTP routes
+    [[destination]]    Istio DestinationRule (Policy):     subsets by label + load balancer
+    [[egress]]         Istio ServiceEntry (EgressRule):    allowed host:ports outside the mesh
+    [[authorization]]  Istio AuthorizationPolicy:          ALLOW/DENY/AUDIT by principal, IP, L7
+    [[ratelimit]]      Envoy local / global rate limit:    token buckets per host, route, key
 
 Field names follow Istio's (``match``, ``uri``-like ``path``, ``headers``, ``subset``,
 ``weight``, ``subsets``, ``labels``, ``load_balancer``) in TOML's snake_case. Full reference
@@ -18,7 +20,10 @@ from typing import Literal
 import msgspec
 
 LoadBalancer = Literal["round_robin", "least_request", "random", "ring_hash", "maglev"]
-KINDS = ("route", "destination", "egress")
+KINDS = ("route", "destination", "egress", "authorization", "ratelimit")
+AuthzAction = Literal["ALLOW", "DENY", "AUDIT"]
+RateUnit = Literal["second", "minute", "hour"]
+RateScope = Literal["local", "global"]
 Duration = str  # "250ms", "2s", "1.5m", "1h" — parsed by ``meshd.rules.units.duration``
 
 
@@ -233,21 +238,91 @@ class EgressRule(_Strict):
     endpoints: list[str] = []
 
 
+class AuthzSource(_Strict):
+    """Istio ``Source`` (the ``from`` table of a rule): the fields set are ANDed, each list ORed.
+
+    Principals are SPIFFE IDs, exact or with one ``*`` at the start or end
+    (``spiffe://td/ns/prod/*``, ``*/sa/svca``); ``"*"`` alone is any authenticated peer.
+    ``ip_blocks``: CIDRs or single addresses of the connection's source."""
+
+    principals: list[str] = []
+    not_principals: list[str] = []
+    ip_blocks: list[str] = []
+    not_ip_blocks: list[str] = []
+
+
+class AuthzOperation(_Strict):
+    """Istio ``Operation`` (the ``to`` table of a rule): the fields set are ANDed, each list ORed;
+    ``headers`` maps a lower-case header name to accepted values (exact, ``pre*``, ``*suf``, ``*``)."""
+
+    methods: list[str] = []
+    not_methods: list[str] = []
+    paths: list[str] = []
+    not_paths: list[str] = []
+    ports: list[int] = []
+    not_ports: list[int] = []
+    headers: dict[str, list[str]] = {}
+
+
+class AuthzRule(_Strict):
+    """One rule: ``from`` AND ``to`` (either may be left out: matches anything)."""
+
+    from_: AuthzSource | None = msgspec.field(default=None, name="from")
+    to: AuthzOperation | None = None
+
+
+class AuthorizationRule(_Strict):
+    """Istio AuthorizationPolicy for the inbound side of ``host`` (``"*"``: every service).
+
+    An ALLOW policy without rules matches nothing (deny all); ``dry_run`` policies are evaluated
+    and reported, never enforced."""
+
+    name: str
+    host: str
+    action: AuthzAction
+    dry_run: bool = False
+    rules: list[AuthzRule] = []
+
+
+class RateLimitRule(_Strict):
+    """``requests_per_unit`` per ``unit`` to ``host`` (one of its named http ``route``s when set).
+
+    ``scope = "local"``: a token bucket in each calling sidecar (``burst`` tokens, refilled at
+    the rate); ``"global"``: one fixed-window quota shared by all callers, handed out by meshd
+    in slices. ``key``: ``""`` (one bucket), ``"source_principal"`` or ``"header:<name>"``
+    (one bucket per value)."""
+
+    name: str
+    host: str
+    requests_per_unit: int
+    unit: RateUnit
+    route: str = ""
+    burst: int | None = None
+    key: str = ""
+    scope: RateScope = "local"
+
+
 class RulesFile(_Strict):
     route: list[RouteRule] = []
     destination: list[DestinationRule] = []
     egress: list[EgressRule] = []
+    authorization: list[AuthorizationRule] = []
+    ratelimit: list[RateLimitRule] = []
 
 
-Rule = RouteRule | DestinationRule | EgressRule
+Rule = RouteRule | DestinationRule | EgressRule | AuthorizationRule | RateLimitRule
 
 
 def kind_of(rule: Rule) -> str:
-    """``"route"``, ``"destination"`` or ``"egress"``."""
+    """``"route"``, ``"destination"``, ``"egress"``, ``"authorization"`` or ``"ratelimit"``."""
     if isinstance(rule, RouteRule):
         return "route"
     if isinstance(rule, DestinationRule):
         return "destination"
+    if isinstance(rule, AuthorizationRule):
+        return "authorization"
+    if isinstance(rule, RateLimitRule):
+        return "ratelimit"
     return "egress"
 
 
@@ -255,4 +330,6 @@ RULE_TYPES: dict[str, type[Rule]] = {
     "route": RouteRule,
     "destination": DestinationRule,
     "egress": EgressRule,
+    "authorization": AuthorizationRule,
+    "ratelimit": RateLimitRule,
 }

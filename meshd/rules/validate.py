@@ -23,6 +23,7 @@ import msgspec
 
 from meshd.errors import ConfigError, RuleValidationError
 from meshd.rules.checks import Path, Problem, check_file, dotted, host_taken
+from meshd.rules.checks_security import references as security_references
 from meshd.rules.checks_traffic import unreachable
 from meshd.rules.locate import line_of
 from meshd.rules.schema import KINDS, Rule, RulesFile
@@ -72,7 +73,8 @@ def check_references(
     existing_sources: Sources | None = None,
 ) -> list[ConfigError]:
     """Cross-rule checks of a merged rule set: used subsets exist (destinations and mirrors;
-    a mirror's host defaults to the rule's host); one route rule per host.
+    a mirror's host defaults to the rule's host); one route rule per host; a rate limit's
+    ``route`` names an http route of its host's route rule.
 
     A rule defined in ``text`` (matched by kind and name) is reported as ``file:line`` with its
     index in ``text``; any other rule as ``existing_sources[(kind, name)]`` (else ``file`` when
@@ -95,6 +97,8 @@ def check_references(
                     reason = f'subset "{subset}" is not defined by any destination rule for host "{host}"'
                     errors.append(origin.error("route", route.name, i, rest, reason))
     errors += _host_conflicts(rules, origin)
+    errors += [origin.error(kind, name, i, rest, reason)
+               for kind, name, i, rest, reason in security_references(rules)]
     return errors
 
 
@@ -359,7 +363,8 @@ def _type_at(path: Path) -> typing.Any:
     for part in path:
         typ = _unwrap(typ)
         if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
-            typ = typing.get_type_hints(typ).get(str(part), object)
+            names = {f.encode_name: f.name for f in msgspec.structs.fields(typ)}
+            typ = typing.get_type_hints(typ).get(names.get(str(part), str(part)), object)
         elif typing.get_origin(typ) in (list, dict):
             typ = typing.get_args(typ)[-1]
         else:

@@ -25,13 +25,17 @@ Rule pushes, deletes and rollbacks record the ``x-meshd-author`` request header 
 percent-encoded; the CLI sends ``$USER@host`` or ``--author``) in the rule history. It is
 informational, not authenticated: anyone holding the join token can claim any name.
 
-Auth: when meshd runs with a join token, every /v1 call needs ``Authorization: Bearer <token>``
-(401 otherwise), as Consul's ``X-Consul-Token`` guards its agent API.
+Auth (``api_identity.ApiAuth``; identity, token and CA routes live in ``api_identity.py``): when
+meshd runs with an operator token (``--token``/``MESHD_TOKEN``), as Consul's ``X-Consul-Token``
+guards its agent API, rule changes, simulate, tokens and CA need ``Authorization: Bearer
+<operator token>`` and so do the read-only routes; the sidecar routes (registry, snapshot, ack)
+also take a sidecar's join or session token, bound to its service. 401 = no or bad credential,
+403 = a valid mesh token where the operator's is needed, or for another service. Without an
+operator token every route is open.
 """
 
 from __future__ import annotations
 
-import hmac
 import urllib.parse
 
 import msgspec
@@ -41,8 +45,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from meshd.errors import ConfigError, RuleValidationError
+from meshd.identity.service import IdentityService
 from meshd.rules import validate as rv
 from meshd.rules.schema import KINDS
+from meshd.server.api_identity import ApiAuth, identity_routes
 from meshd.server.control import ControlPlane
 from meshd.server.simulate import parse_request, simulate
 from meshd.snapshot.compile import NodeInfo
@@ -80,14 +86,10 @@ def _author(request: Request) -> str:
     return "".join(ch for ch in raw if ch.isprintable())[:AUTHOR_MAX].strip()
 
 
-def build_app(cp: ControlPlane, token: str = "") -> Starlette:
-    """The ASGI app bound to one ``ControlPlane``; ``token`` empty = no auth."""
-
-    def authorized(request: Request) -> bool:
-        if not token:
-            return True
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), token.encode())
+def build_app(cp: ControlPlane, token: str = "", identity: IdentityService | None = None) -> Starlette:
+    """The ASGI app bound to one ``ControlPlane``; ``token`` = the operator token (empty = no
+    auth); ``identity`` adds the identity routes and lets sidecars use join/session tokens."""
+    auth = ApiAuth(cp, token, identity)
 
     async def healthz(request: Request) -> Response:
         return _json({"status": "ok", "version": str(cp.version)})
@@ -227,11 +229,11 @@ def build_app(cp: ControlPlane, token: str = "") -> Starlette:
     async def proxy_status(request: Request) -> Response:
         return _json({"version": str(cp.version), "proxies": cp.cache.status()})
 
-    def guard(handler):  # type: ignore[no-untyped-def]
+    def guard(handler, level: str = "read"):  # type: ignore[no-untyped-def]
+        """``level``: "read", "operator" or "sidecar" (see ``api_identity.ApiAuth``)."""
         async def wrapped(request: Request) -> Response:
-            if not authorized(request):
-                return _error("missing or wrong join token", 401)
-            return await handler(request)
+            denied = await auth.check(request, level)
+            return denied if denied is not None else await handler(request)
         return wrapped
 
     async def simulate_rule(request: Request) -> Response:
@@ -250,21 +252,22 @@ def build_app(cp: ControlPlane, token: str = "") -> Starlette:
 
     routes = [
         Route("/healthz", healthz),
-        Route("/v1/registry/instances", guard(register), methods=["POST"]),
-        Route("/v1/registry/instances/{iid}/heartbeat", guard(heartbeat), methods=["PUT"]),
-        Route("/v1/registry/instances/{iid}", guard(deregister), methods=["DELETE"]),
+        Route("/v1/registry/instances", guard(register, "sidecar"), methods=["POST"]),
+        Route("/v1/registry/instances/{iid}/heartbeat", guard(heartbeat, "sidecar"), methods=["PUT"]),
+        Route("/v1/registry/instances/{iid}", guard(deregister, "sidecar"), methods=["DELETE"]),
         Route("/v1/registry/services", guard(services)),
-        Route("/v1/rules", guard(push_rules), methods=["POST"]),
+        Route("/v1/rules", guard(push_rules, "operator"), methods=["POST"]),
         Route("/v1/rules", guard(list_rules), methods=["GET"]),
         Route("/v1/rules/history", guard(history)),
-        Route("/v1/rules/simulate", guard(simulate_rule), methods=["POST"]),
+        Route("/v1/rules/simulate", guard(simulate_rule, "operator"), methods=["POST"]),
         Route("/v1/rules/history/{rev:int}", guard(revision)),
         Route("/v1/rules/diff", guard(rule_diff)),
-        Route("/v1/rules/rollback/{rev:int}", guard(rollback), methods=["POST"]),
+        Route("/v1/rules/rollback/{rev:int}", guard(rollback, "operator"), methods=["POST"]),
         Route("/v1/rules/{kind}/{name}", guard(get_rule), methods=["GET"]),
-        Route("/v1/rules/{kind}/{name}", guard(delete_rule), methods=["DELETE"]),
-        Route("/v1/snapshot/{node}", guard(snapshot)),
-        Route("/v1/snapshot/{node}/ack", guard(ack), methods=["POST"]),
+        Route("/v1/rules/{kind}/{name}", guard(delete_rule, "operator"), methods=["DELETE"]),
+        Route("/v1/snapshot/{node}", guard(snapshot, "sidecar")),
+        Route("/v1/snapshot/{node}/ack", guard(ack, "sidecar"), methods=["POST"]),
         Route("/v1/proxy-status", guard(proxy_status)),
     ]
+    routes += identity_routes(identity, auth)
     return Starlette(routes=routes)

@@ -2,7 +2,9 @@
 
 Runs hypercorn's trio worker with the Starlette app from ``api.py`` and a task that expires
 built-in registry instances every ``EXPIRY_SWEEP_INTERVAL`` seconds. SIGTERM/SIGINT stop both
-cleanly (structured concurrency: one nursery, no orphan tasks).
+cleanly (structured concurrency: one nursery, no orphan tasks). The identity service (CA in
+``<data-dir>/ca``, join/session tokens) is opened before the API starts; without an operator
+token the API is open to anyone who reaches it, which is logged as a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from meshd.identity.service import IdentityConfig, IdentityService
 from meshd.server.api import build_app
 from meshd.server.control import ControlPlane
 from meshd.store.sqlite import SqliteStore
@@ -42,11 +45,21 @@ async def _signals(cancel: trio.CancelScope, shutdown: trio.Event) -> None:
             return
 
 
-async def run(listen: str, data_dir: str | Path, token: str = "") -> None:
-    """Serve until SIGTERM/SIGINT. Raises ConfigError if the store cannot be opened."""
+async def run(listen: str, data_dir: str | Path, token: str = "",
+              identity_config: IdentityConfig | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Raises ConfigError if the store or the CA cannot be opened."""
     store = SqliteStore(data_dir)
     cp = ControlPlane(store)
+    try:
+        identity = IdentityService.open(data_dir, identity_config or IdentityConfig(), store)
+    except BaseException:
+        store.close()
+        raise
+    identity.on_bundle_change = cp.rebuild
     cp.start()
+    if not token:
+        log.warning("no operator token (--token/MESHD_TOKEN): the API is open to anyone who can "
+                    "reach %s, including rule changes and join-token creation", listen)
     config = Config()
     config.bind = [listen]
     config.graceful_timeout = GRACEFUL_TIMEOUT
@@ -58,7 +71,7 @@ async def run(listen: str, data_dir: str | Path, token: str = "") -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sweep, cp)
             nursery.start_soon(_signals, nursery.cancel_scope, shutdown)
-            await serve(build_app(cp, token), config, shutdown_trigger=shutdown.wait)
+            await serve(build_app(cp, token, identity), config, shutdown_trigger=shutdown.wait)
             nursery.cancel_scope.cancel()
     finally:
         store.close()

@@ -6,7 +6,8 @@ Meanings (Istio): a host with a ``route`` rule gets its routes in order; any oth
 gets one ``default`` route to all its instances. Each ``destination`` subset becomes a cluster
 ``outbound|<subset>|<host>`` whose endpoints are the instances carrying all the subset's labels;
 ``outbound||<host>`` holds every instance. Egress rules for one host are merged (ports and
-static endpoints unioned).
+static endpoints unioned). Authorization policies and rate limits are compiled by
+``security``; a node gets the policies its inbound enforces and every rate limit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from meshd.rules import schema as rs
 from meshd.rules.units import duration, optional_duration
 from meshd.snapshot import model as sm
+from meshd.snapshot import security
 from meshd.snapshot.routes import virtual_hosts
 from registry.model import Instance
 
@@ -41,6 +43,8 @@ class MeshConfig:
     clusters: tuple[sm.Cluster, ...]
     endpoints: tuple[sm.ClusterEndpoints, ...]
     egress: tuple[sm.EgressEntry, ...]
+    authorization: tuple[sm.AuthzPolicy, ...] = ()
+    ratelimits: tuple[sm.RateLimit, ...] = ()
 
 
 def _endpoint(inst: Instance) -> sm.Endpoint:
@@ -119,7 +123,8 @@ def compile_mesh(rules: rs.RulesFile, instances: Sequence[Instance]) -> MeshConf
     """Shared snapshot content for the merged rule set and the merged registry view."""
     vhosts = virtual_hosts(rules, {i.service.lower() for i in instances})
     clusters, endpoints = _clusters(rules, vhosts, instances)
-    return MeshConfig(tuple(vhosts), tuple(clusters), tuple(endpoints), _egress(rules))
+    return MeshConfig(tuple(vhosts), tuple(clusters), tuple(endpoints), _egress(rules),
+                      security.authorization(rules), security.ratelimits(rules))
 
 
 def listeners(node: NodeInfo) -> tuple[sm.Listener, ...]:
@@ -138,4 +143,6 @@ def listeners(node: NodeInfo) -> tuple[sm.Listener, ...]:
 def for_node(mesh: MeshConfig, node: NodeInfo, version: sm.Version) -> sm.Snapshot:
     return sm.Snapshot(version=version, node=node.node, listeners=listeners(node),
                        virtual_hosts=mesh.virtual_hosts, clusters=mesh.clusters,
-                       endpoints=mesh.endpoints, egress=mesh.egress)
+                       endpoints=mesh.endpoints, egress=mesh.egress,
+                       authorization=security.for_service(mesh.authorization, node.service),
+                       ratelimits=mesh.ratelimits)

@@ -2,13 +2,16 @@
 
 Shape (Envoy xDS vocabulary)::
 
-    Snapshot(version, node, listeners, virtual_hosts, clusters, endpoints, egress)
+    Snapshot(version, node, listeners, virtual_hosts, clusters, endpoints, egress,
+             authorization, ratelimits)
       Listener        name, direction, port, route_config  (outbound listener -> "outbound")
       VirtualHost     host -> ordered Route list          (RDS)
         Route         name, RouteMatch, [WeightedCluster]  weights sum to 100
       Cluster         name "outbound|<subset>|<host>", host, subset, lb_policy   (CDS)
       ClusterEndpoints cluster -> [Endpoint(address, port, labels)]              (EDS)
       EgressEntry     host, ports, static endpoints (ServiceEntry)
+      AuthzPolicy     host ("*" = all), action, dry_run, [AuthzRule(source, operation)]  (RBAC)
+      RateLimit       host, route, rate_per_sec, burst, window, key, scope  (local/global)
 
 ``Version`` is ``(epoch, counter)``: the epoch is persisted and incremented at every meshd start,
 so a version number is never issued twice (the amalgam8 lesson, style-and-reliability §A.8).
@@ -230,6 +233,67 @@ class Listener(_Frozen):
     route_config: str = ""  # outbound: "outbound"; inbound: the local app cluster
 
 
+class AuthzSource(_Frozen):
+    """Istio ``Source``; patterns as written in the rule (see ``sidecar.core.authz``);
+    IP blocks in CIDR form (``"10.0.0.1"`` -> ``"10.0.0.1/32"``)."""
+
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+
+
+class AuthzHeader(_Frozen):
+    name: str  # lower-case
+    values: tuple[str, ...]
+
+
+class AuthzOperation(_Frozen):
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+    headers: tuple[AuthzHeader, ...] = ()
+
+
+class AuthzRule(_Frozen):
+    """``source`` AND ``operation``; None matches anything."""
+
+    source: AuthzSource | None = None
+    operation: AuthzOperation | None = None
+
+
+class AuthzPolicy(_Frozen):
+    """One AuthorizationPolicy, enforced by the inbound sidecar of ``host`` (``"*"``: all)."""
+
+    name: str
+    host: str
+    action: str  # "ALLOW" | "DENY" | "AUDIT"
+    dry_run: bool = False
+    rules: tuple[AuthzRule, ...] = ()
+
+
+class RateLimit(_Frozen):
+    """A rate limit on calls to ``host`` (``route``: one named route, ``""``: all).
+
+    Local: a token bucket of ``burst`` tokens refilled at ``rate_per_sec`` per calling sidecar
+    and key value. Global: ``requests_per_unit`` per fixed ``window`` (seconds) for all callers
+    together, handed out by meshd in slices. ``key``: ``""``, ``"source_principal"`` or
+    ``"header:<lower-case name>"``."""
+
+    name: str
+    host: str
+    rate_per_sec: float
+    burst: int
+    requests_per_unit: int
+    window: float  # seconds: 1, 60 or 3600
+    route: str = ""
+    key: str = ""
+    scope: str = "local"  # "local" | "global"
+
+
 class Snapshot(_Frozen):
     version: Version
     node: str
@@ -238,6 +302,8 @@ class Snapshot(_Frozen):
     clusters: tuple[Cluster, ...] = ()
     endpoints: tuple[ClusterEndpoints, ...] = ()
     egress: tuple[EgressEntry, ...] = ()
+    authorization: tuple[AuthzPolicy, ...] = ()
+    ratelimits: tuple[RateLimit, ...] = ()
 
     def content_key(self) -> bytes:
         """Encoded content without version/node: equal keys mean nothing to push."""

@@ -1,4 +1,5 @@
-"""The state store behind meshd: rules, registry instances, the version epoch, rule history.
+"""The state store behind meshd: rules, registry instances, the version epoch, rule history,
+join tokens (with revocation) and the lineage of issued workload certificates.
 
 One small interface so that the embedded SQLite default (``sqlite.py``) can later be joined by
 an etcd store shared by several meshd replicas. Calls are synchronous and short (single-row
@@ -45,6 +46,17 @@ class StoredRevision(msgspec.Struct, frozen=True):
     entry: HistoryEntry
 
 
+class TokenRecord(msgspec.Struct, frozen=True):
+    """One join token meshd issued (the JWT itself is never stored, only its claims)."""
+
+    jti: str                 # token id; session tokens of its lineage carry the same jti
+    service: str
+    namespace: str
+    created: float           # unix seconds
+    expires: float           # unix seconds
+    revoked: float = 0.0     # unix seconds of the revocation, 0 = not revoked
+
+
 class Store(Protocol):
     def next_epoch(self) -> int:
         """Persistently increment and return the epoch (called once per meshd start)."""
@@ -72,6 +84,29 @@ class Store(Protocol):
     def put_instance(self, inst: Instance) -> None: ...
 
     def delete_instance(self, instance_id: str) -> None: ...
+
+    def put_token(self, rec: TokenRecord) -> None:
+        """Insert a new token record (jti unique)."""
+        ...
+
+    def get_token(self, jti: str) -> TokenRecord | None: ...
+
+    def list_tokens(self) -> list[TokenRecord]:
+        """Every token record, newest first."""
+        ...
+
+    def revoke_token(self, jti: str, at: float) -> bool:
+        """Mark ``jti`` revoked at ``at`` (the first revocation time is kept); False if unknown."""
+        ...
+
+    def put_cert(self, serial: str, jti: str, spiffe_id: str, not_after: float, now: float) -> None:
+        """Record that leaf ``serial`` (hex) belongs to token lineage ``jti``; forgets leaves
+        that expired before ``now``."""
+        ...
+
+    def cert_jti(self, serial: str) -> str | None:
+        """The token lineage of leaf ``serial``, None if unknown or forgotten."""
+        ...
 
     def close(self) -> None: ...
 

@@ -3,12 +3,14 @@
 Tables: ``meta`` (schema version, epoch), ``rules`` (the live rule set as one JSON document,
 replaced in one transaction), ``rule_history`` (every push/delete/rollback with its author, its
 changes and the full resulting rule set: ``rule history``/``diff``/``rollback``), ``instances``
-(built-in registry). A push either commits whole or not at all (one transaction), so a crash
-never leaves half a rule set. ``sqlite3.Error`` is mapped to ``ConfigError`` naming the file.
+(built-in registry), ``tokens`` (join tokens: jti, service, namespace, created, expires,
+revoked) and ``certs`` (issued leaf serial -> token lineage jti, pruned once expired). A push
+either commits whole or not at all (one transaction), so a crash never leaves half a rule set.
+``sqlite3.Error`` is mapped to ``ConfigError`` naming the file.
 
-Schema versions: 1 = first release; 2 adds ``rule_history.author``. A version-1 file is
-migrated in place when opened (one transaction; old entries get author ``""``); a file of a
-newer version than this meshd is refused.
+Schema versions: 1 = first release; 2 adds ``rule_history.author``; 3 adds ``tokens`` and
+``certs``. An older file is migrated in place when opened (one transaction; old history entries
+get author ``""``); a file of a newer version than this meshd is refused.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import msgspec
 
 from meshd.errors import ConfigError
 from meshd.rules.schema import RulesFile
-from meshd.store.base import HistoryEntry, StoredRevision, StoredRules
+from meshd.store.base import HistoryEntry, StoredRevision, StoredRules, TokenRecord
 from registry.model import Instance
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (id INTEGER PRIMARY KEY CHECK (id = 1), body BLOB NOT NULL,
@@ -37,6 +39,15 @@ CREATE TABLE IF NOT EXISTS rule_history (revision INTEGER PRIMARY KEY, at REAL N
     author TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, body BLOB NOT NULL);
 """
+_SCHEMA_3 = (  # run by every open (new files) and by the 2 -> 3 migration; idempotent
+    "CREATE TABLE IF NOT EXISTS tokens (jti TEXT PRIMARY KEY, service TEXT NOT NULL, "
+    "namespace TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL, "
+    "revoked REAL NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, jti TEXT NOT NULL, "
+    "spiffe_id TEXT NOT NULL, not_after REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS certs_not_after ON certs (not_after)",
+)
+_TOKEN_COLUMNS = "jti, service, namespace, created, expires, revoked"
 
 
 class _RulesDoc(msgspec.Struct):
@@ -65,6 +76,8 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            for statement in _SCHEMA_3:
+                self._db.execute(statement)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"cannot open store: {exc}", file=str(self.path)) from exc
         self._check_schema()
@@ -99,6 +112,8 @@ class SqliteStore:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(rule_history)")}
                 if "author" not in columns:  # 1 -> 2
                     db.execute("ALTER TABLE rule_history ADD COLUMN author TEXT NOT NULL DEFAULT ''")
+                for statement in _SCHEMA_3:  # 2 -> 3
+                    db.execute(statement)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def next_epoch(self) -> int:
@@ -158,6 +173,35 @@ class SqliteStore:
     def delete_instance(self, instance_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+    def put_token(self, rec: TokenRecord) -> None:
+        with self._tx() as db:
+            db.execute(f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       (rec.jti, rec.service, rec.namespace, rec.created, rec.expires, rec.revoked))
+
+    def get_token(self, jti: str) -> TokenRecord | None:
+        row = self._db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE jti = ?", (jti,)).fetchone()
+        return None if row is None else TokenRecord(*row)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = self._db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created DESC, jti")
+        return [TokenRecord(*row) for row in rows.fetchall()]
+
+    def revoke_token(self, jti: str, at: float) -> bool:
+        with self._tx() as db:
+            db.execute("UPDATE tokens SET revoked = ? WHERE jti = ? AND revoked = 0", (at, jti))
+            found = db.execute("SELECT 1 FROM tokens WHERE jti = ?", (jti,)).fetchone()
+        return found is not None
+
+    def put_cert(self, serial: str, jti: str, spiffe_id: str, not_after: float, now: float) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM certs WHERE not_after < ?", (now,))
+            db.execute("INSERT OR REPLACE INTO certs VALUES (?, ?, ?, ?)",
+                       (serial, jti, spiffe_id, not_after))
+
+    def cert_jti(self, serial: str) -> str | None:
+        row = self._db.execute("SELECT jti FROM certs WHERE serial = ?", (serial,)).fetchone()
+        return None if row is None else str(row[0])
 
     def close(self) -> None:
         self._db.close()

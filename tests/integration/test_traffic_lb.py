@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import meshd.demo.harness
 from meshd.demo.harness import MeshHarness, wait_until
 
 pytestmark = pytest.mark.slow
@@ -34,6 +37,45 @@ POOL = 16  # concurrent callers for the bulk phases
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_HANDED_OUT: set[int] = set()
+_KERNEL_FREE_PORT = meshd.demo.harness.free_port
+
+
+def _quiet_port() -> int:
+    """A free loopback port below the kernel's ephemeral range.
+
+    ``harness.free_port`` binds port 0, i.e. takes a port *from* the ephemeral range, then
+    releases it; on a busy host an outgoing connection can be given that port before the
+    sidecar binds it (seen here: ``Address already in use`` on an outbound port). Ports below
+    the range are never handed out for outgoing connections.
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(10000, max(10001, low))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    return _KERNEL_FREE_PORT()
+
+
+@pytest.fixture(autouse=True)
+def _ports_outside_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(meshd.demo.harness, "free_port", _quiet_port)
 
 
 @contextmanager
@@ -313,6 +355,7 @@ name = "primary"
 destinations = [{{ subset = "v1" }}]
 {mirror}
 """
+MIRROR_ROUNDS = 3
 MIRROR_PACE = 0.005  # seconds between requests: <= ~60 copies/s x 0.5 s stays below 64 in flight
 
 
@@ -323,10 +366,15 @@ def test_mirror_copies_half_and_leaves_primary_latency_alone(tmp_path: Path) -> 
         mesh.add_service("echo-v2", "echo", "static", {"version": "v2"}, delay="0.5")
         mesh.wait_ready()
         mesh.wait_synced()
-        _push(mesh, tmp_path, "route.toml", MIRROR_RULES.format(mirror=""))
-        _wait(lambda: _endpoints(mesh, "client-1", "outbound|v1|echo") == ["echo-v1"],
-              "client has the v1 route")
-        mesh.wait_synced()
+
+        def set_mirror(on: bool) -> None:
+            mirror = 'mirror = { subset = "v2", percentage = 50 }' if on else ""
+            _push(mesh, tmp_path, "route.toml", MIRROR_RULES.format(mirror=mirror))
+            want = "outbound|v2|echo" if on else None
+            _wait(lambda: _endpoints(mesh, "client-1", "outbound|v1|echo") == ["echo-v1"]
+                  and (_routes(mesh, "client-1", "echo")[0].get("mirror") or {}).get("cluster")
+                  == want, f"client has the route with mirror {'on' if on else 'off'}")
+            mesh.wait_synced()
 
         def run(c: httpx.Client) -> list[float]:
             took = []
@@ -338,32 +386,45 @@ def test_mirror_copies_half_and_leaves_primary_latency_alone(tmp_path: Path) -> 
                 time.sleep(MIRROR_PACE)
             return took
 
+        def copies_settled() -> float:
+            """v2's inbound request count once the last copies (0.5 s each) are in."""
+            last = [-1.0]
+
+            def settled() -> bool:
+                now = _requests_total(mesh, "echo-v2", "destination")
+                done, last[0] = now == last[0], now
+                return done
+
+            wait_until(settled, 15, "mirror copies to finish", period=1.0)
+            return last[0]
+
+        set_mirror(False)
+        ok, rounds = False, []
         with _proxy(mesh, "client-1") as c:
             for _ in range(20):  # warm the connections of both sidecars
                 c.get("http://echo/warm")
-            before = run(c)
-            assert _requests_total(mesh, "echo-v2", "destination") == 0
-            _push(mesh, tmp_path, "mirror.toml", MIRROR_RULES.format(
-                mirror='mirror = { subset = "v2", percentage = 50 }'))
-            _wait(lambda: (_routes(mesh, "client-1", "echo")[0].get("mirror") or {}).get("cluster")
-                  == "outbound|v2|echo", "client has the mirror")
-            mesh.wait_synced()
-            with_mirror = run(c)
-
-        last = [-1.0]
-
-        def settled() -> bool:  # the last copies take 0.5 s: wait for the count to stop moving
-            now = _requests_total(mesh, "echo-v2", "destination")
-            done, last[0] = now == last[0], now
-            return done
-
-        wait_until(settled, 15, "mirror copies to finish", period=1.0)
-        copies = last[0]
-        p99_before, p99_mirror = _p99(before), _p99(with_mirror)
-        print(f"mirror: {copies:.0f}/400 copies ({copies / 4:.1f} %); primary p99 "
-              f"{p99_before * 1000:.2f} ms before, {p99_mirror * 1000:.2f} ms with the mirror")
-        assert 168 <= copies <= 232, copies  # 50 % +- 8 %
-        assert p99_mirror <= max(1.5 * p99_before, p99_before + 0.020), (p99_before, p99_mirror)
+            # p99 of 400 requests on a shared host can jump by tens of ms; coupling to the
+            # 0.5 s copies would add hundreds of ms every time, so a noisy round is measured
+            # again (both halves), at most MIRROR_ROUNDS times
+            for rnd in range(MIRROR_ROUNDS):
+                if rnd:
+                    set_mirror(False)
+                before = run(c)
+                base = copies_settled()
+                if rnd == 0:
+                    assert base == 0  # no mirror, no traffic to v2
+                set_mirror(True)
+                with_mirror = run(c)
+                copies = copies_settled() - base
+                p99_before, p99_mirror = _p99(before), _p99(with_mirror)
+                rounds.append((copies, p99_before * 1000, p99_mirror * 1000))
+                print(f"mirror round {rnd}: {copies:.0f}/400 copies ({copies / 4:.1f} %); primary "
+                      f"p99 {p99_before * 1000:.2f} ms before, {p99_mirror * 1000:.2f} ms with it")
+                assert 168 <= copies <= 232, rounds  # 50 % +- 8 %
+                ok = p99_mirror <= max(1.5 * p99_before, p99_before + 0.020)
+                if ok:
+                    break
+        assert ok, rounds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,4 +557,4 @@ def test_rule_simulate_matches_the_live_sidecar(tmp_path: Path) -> None:
                 assert resp.text == policies["direct_response"]["body"] == "down for maintenance"
                 assert FLAGS not in resp.headers
         for row in rows:
-            print("simulate vs live: %s %s %s -> route %s: simulate %s, live %s" % row)
+            print("simulate vs live: {} {} {} -> route {}: simulate {}, live {}".format(*row))

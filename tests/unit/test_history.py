@@ -197,7 +197,7 @@ async def test_old_schema_store_is_migrated(tmp_path: Path) -> None:
     cp.store.close()
     cp = _open(tmp_path)  # opening a migrated file again changes nothing
     assert [(e.revision, e.author) for e in cp.store.history()] == [(3, "bob"), (2, "alice"), (1, "")]
-    assert cp.store._meta("schema") == "2"  # type: ignore[attr-defined]
+    assert cp.store._meta("schema") == "3"  # type: ignore[attr-defined]
 
 
 def test_rule_toml_round_trips() -> None:
