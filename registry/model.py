@@ -20,7 +20,8 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     service: service name (the mesh host, e.g. ``"svcb"``); instance_id: unique per registry;
     address/port: the instance's inbound sidecar listener; labels: string map; source: adapter
-    name (``"builtin"``); ttl: seconds between required heartbeats before expiry.
+    name (``"builtin"``); ttl: seconds between required heartbeats before expiry; namespace: with
+    the service it forms the SPIFFE ID ``spiffe://<td>/ns/<namespace>/sa/<service>``.
     """
 
     service: str
@@ -30,6 +31,7 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     labels: dict[str, str] = {}
     source: str = "builtin"
     ttl: float = DEFAULT_TTL
+    namespace: str = "default"
 
 
 class ServiceDiscovery(Protocol):

@@ -12,13 +12,14 @@ Example (documented in ``docs/sidecar.md``)::
     admin_port = 15000               # Envoy admin port
     advertise_address = "127.0.0.1"  # how other sidecars reach the inbound listener
     meshd_addr = "http://127.0.0.1:15010"
-    token = ""                       # join token; MESHD_TOKEN overrides when set
+    token = ""                       # join token (meshd token create); MESH_JOIN_TOKEN overrides
+    mtls_mode = "PERMISSIVE"         # inbound: STRICT | PERMISSIVE | DISABLE (Istio PeerAuthentication)
     data_dir = "/var/lib/mesh-sidecar"   # last good snapshot cache
     ttl = 10.0                       # registry lease, seconds; heartbeat every ttl/3
 
-``MESHD_ADDR`` and ``MESHD_TOKEN`` in the environment override ``meshd_addr``/``token``
-(as ``CONSUL_HTTP_ADDR``/``CONSUL_HTTP_TOKEN`` do). Errors: ``ConfigError`` with file, line,
-field.
+``MESHD_ADDR`` and ``MESH_JOIN_TOKEN`` in the environment override ``meshd_addr``/``token``
+(as ``CONSUL_HTTP_ADDR``/``CONSUL_HTTP_TOKEN`` do; ``MESHD_TOKEN`` stays the operator's).
+Errors: ``ConfigError`` with file, line, field.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -62,6 +64,7 @@ class Bootstrap(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str = "/var/lib/mesh-sidecar"
     ttl: float = DEFAULT_TTL
     drain_seconds: float = DEFAULT_DRAIN
+    mtls_mode: Literal["STRICT", "PERMISSIVE", "DISABLE"] = "PERMISSIVE"  # Istio's default
 
     @property
     def node(self) -> str:
@@ -114,8 +117,8 @@ def parse(text: str, file: str = "<bootstrap>", env: dict[str, str] | None = Non
         changes["instance_id"] = f"{boot.service}-{socket.gethostname()}-{boot.inbound_port}"
     if env.get("MESHD_ADDR"):
         changes["meshd_addr"] = env["MESHD_ADDR"]
-    if env.get("MESHD_TOKEN"):
-        changes["token"] = env["MESHD_TOKEN"]
+    if env.get("MESH_JOIN_TOKEN"):
+        changes["token"] = env["MESH_JOIN_TOKEN"]
     return msgspec.structs.replace(boot, **changes) if changes else boot
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -32,14 +33,17 @@ BACKOFF_MAX = 5.0       # seconds; Envoy's xDS retry back-off caps at a few seco
 CACHE_FILE = "snapshot.json"
 
 
-def auth_headers(boot: Bootstrap) -> dict[str, str]:
-    return {"authorization": f"Bearer {boot.token}"} if boot.token else {}
+def auth_headers(boot: Bootstrap, token: Callable[[], str] | None = None) -> dict[str, str]:
+    """Bearer header: ``token()`` (the certificate's session token) or the bootstrap token."""
+    value = token() if token is not None else boot.token
+    return {"authorization": f"Bearer {value}"} if value else {}
 
 
 class Subscription:
     def __init__(self, boot: Bootstrap, state: State, metrics: Metrics,
-                 client: httpx.AsyncClient) -> None:
+                 client: httpx.AsyncClient, token: Callable[[], str] | None = None) -> None:
         self.boot = boot
+        self.token = token
         self.state = state
         self.metrics = metrics
         self.client = client
@@ -78,7 +82,7 @@ class Subscription:
     async def _ack(self, version: str, error: str | None) -> None:
         url = f"{self.boot.meshd_addr}/v1/snapshot/{self.boot.node}/ack"
         await self.client.post(url, json={"version": version, "error": error},
-                               headers=auth_headers(self.boot))
+                               headers=auth_headers(self.boot, self.token))
 
     async def _apply(self, body: bytes) -> None:
         try:
@@ -115,7 +119,8 @@ class Subscription:
         """One long-poll round trip; raises httpx.HTTPError / trio.TooSlowError on failure."""
         url = f"{self.boot.meshd_addr}/v1/snapshot/{self.boot.node}"
         with trio.fail_after(LONG_POLL_WAIT + 10):
-            resp = await self.client.get(url, params=self._params(), headers=auth_headers(self.boot))
+            resp = await self.client.get(url, params=self._params(),
+                                         headers=auth_headers(self.boot, self.token))
         if resp.status_code == 200:
             await self._apply(resp.content)
         elif resp.status_code != 304:

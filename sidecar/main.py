@@ -9,6 +9,7 @@ local admin ``/ready`` answers 200 (for Compose healthchecks without curl).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -19,7 +20,7 @@ import click
 import httpx
 import trio
 
-from meshd.errors import ConfigError
+from meshd.errors import ConfigError, IdentityError
 from sidecar import bootstrap
 from sidecar.admin import Admin
 from sidecar.control import Subscription
@@ -27,9 +28,12 @@ from sidecar.http.client import UpstreamPool
 from sidecar.http.limits import ClientLimits
 from sidecar.http.messages import ConnInfo, Handler
 from sidecar.http.server import serve_http1
+from sidecar.identity.agent import IdentityAgent
+from sidecar.identity.tls import TlsContexts, accept
 from sidecar.metrics import Metrics
 from sidecar.proxy import health_checks
 from sidecar.proxy.inbound import Inbound
+from sidecar.proxy.mtls import MeshIdentities, mesh_connector
 from sidecar.proxy.outbound import Outbound
 from sidecar.registration import Registration
 from sidecar.state import State
@@ -44,14 +48,36 @@ def _addr(sockname: object) -> tuple[str, int] | None:
     return None
 
 
+def _conn_info(stream: trio.SocketStream) -> ConnInfo:
+    return ConnInfo(peer=_addr(stream.socket.getpeername()), local=_addr(stream.socket.getsockname()))
+
+
 async def _serve_conn(handler: Handler, stream: trio.SocketStream) -> None:
-    info = ConnInfo(peer=_addr(stream.socket.getpeername()), local=_addr(stream.socket.getsockname()))
     async with stream:
-        await serve_http1(stream, handler, info)
+        await serve_http1(stream, handler, _conn_info(stream))
+
+
+async def _serve_inbound(handler: Handler, ctxs: TlsContexts, mode: str,
+                         stream: trio.SocketStream) -> None:
+    """Terminate mTLS (per ``mode``), then serve HTTP with the peer's SPIFFE ID in ConnInfo."""
+    info = _conn_info(stream)
+    try:
+        tls, principal = await accept(stream, ctxs, mode)
+    except (IdentityError, trio.BrokenResourceError) as exc:
+        log.warning("inbound connection from %s refused: %s", info.peer, exc)
+        return
+    async with tls:
+        await serve_http1(tls, handler, dataclasses.replace(info, principal=principal))
 
 
 async def _listen(nursery: trio.Nursery, handler: Handler, host: str, port: int) -> None:
     await nursery.start(partial(trio.serve_tcp, partial(_serve_conn, handler), port, host=host))
+
+
+async def _listen_inbound(nursery: trio.Nursery, handler: Handler, boot: bootstrap.Bootstrap,
+                          ctxs: TlsContexts) -> None:
+    serve = partial(_serve_inbound, handler, ctxs, boot.mtls_mode)
+    await nursery.start(partial(trio.serve_tcp, serve, boot.inbound_port, host=boot.inbound_address))
 
 
 async def _wait_signal() -> int:
@@ -64,31 +90,45 @@ async def _wait_signal() -> int:
 async def run(boot: bootstrap.Bootstrap) -> None:
     state, metrics = State(), Metrics()
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=60.0)) as client:
-        sub = Subscription(boot, state, metrics, client)
+        agent, ctxs = IdentityAgent(boot, client, boot.data_dir), TlsContexts()
+        agent.on_change(ctxs.update)  # first: an OpenSSL refusal vetoes a bad certificate
+        agent.load_cached()
+        token = partial(_bearer, boot, agent)
+        sub = Subscription(boot, state, metrics, client, token)
         sub.load_cache()
-        reg = Registration(boot, client)
+        reg = Registration(boot, client, token)
+        identities = MeshIdentities(agent)
         # route timeouts (forwarder) bound the outbound wait for a response head, not the pool
-        pool_out = UpstreamPool(limits=ClientLimits(response_timeout=OUTBOUND_RESPONSE_TIMEOUT))
-        pool_in = UpstreamPool()
+        limits = ClientLimits(response_timeout=OUTBOUND_RESPONSE_TIMEOUT)
+        pool_out = UpstreamPool(limits=limits, connect=mesh_connector(ctxs, identities.identity_of))
+        pool_egress, pool_in = UpstreamPool(limits=limits), UpstreamPool()
         async with trio.open_nursery() as nursery:
-            outbound = Outbound(boot, state, pool_out, metrics, nursery)
+            nursery.start_soon(agent.run)
+            outbound = Outbound(boot, state, pool_out, metrics, nursery, pool_egress, identities)
             await _listen(nursery, outbound.handle, boot.outbound_address, boot.outbound_port)
             nursery.start_soon(health_checks.run, outbound.runtimes, outbound.sync)
-            await _listen(nursery, Inbound(boot, pool_in, metrics).handle,
-                          boot.inbound_address, boot.inbound_port)
-            await _listen(nursery, Admin(boot.node, state, metrics).handle,
+            await _listen_inbound(nursery, Inbound(boot, pool_in, metrics, agent).handle, boot,
+                                  ctxs)
+            await _listen(nursery, Admin(boot.node, state, metrics, agent, ctxs).handle,
                           boot.admin_address, boot.admin_port)
             nursery.start_soon(sub.run)
             nursery.start_soon(reg.run)
-            log.info("sidecar %s up: inbound %d -> app %d, outbound %d, admin %d", boot.node,
-                     boot.inbound_port, boot.app_port, boot.outbound_port, boot.admin_port)
+            log.info("sidecar %s up: inbound %d (mTLS %s) -> app %d, outbound %d, admin %d",
+                     boot.node, boot.inbound_port, boot.mtls_mode, boot.app_port,
+                     boot.outbound_port, boot.admin_port)
             sig = await _wait_signal()
             log.info("signal %d: deregistering, draining %.1fs", sig, boot.drain_seconds)
             await reg.deregister()
             await trio.sleep(boot.drain_seconds)
             nursery.cancel_scope.cancel()
-        await pool_out.aclose()
-        await pool_in.aclose()
+        for pool in (pool_out, pool_egress, pool_in):
+            await pool.aclose()
+
+
+def _bearer(boot: bootstrap.Bootstrap, agent: IdentityAgent) -> str:
+    """The session token of the current certificate, else the bootstrap's join token."""
+    creds = agent.current
+    return creds.session_token if creds is not None and creds.session_token else boot.token
 
 
 @click.group()

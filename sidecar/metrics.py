@@ -61,8 +61,7 @@ class Metrics:
             source.version, destination.workload, destination.namespace, destination.principal,
             destination.app, destination.version, service, service.split(".")[0],
             destination.namespace, "http", str(code), "-", flags or "-",
-            # Istio: "unknown" on the source side; "none" on the destination side without mTLS
-            "none" if reporter == "destination" else UNKNOWN,
+            _security(reporter, source),
         )
         self.requests.labels(*values).inc()
         self.duration.labels(*values).observe(millis)
@@ -71,3 +70,11 @@ class Metrics:
         """(body, content type) negotiated from the scrape's Accept header."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+def _security(reporter: str, source: Peer) -> str:
+    """Istio ``connection_security_policy``: "unknown" on the source side; on the destination
+    side "mutual_tls" when the caller proved a SPIFFE ID, else "none"."""
+    if reporter != "destination":
+        return UNKNOWN
+    return "mutual_tls" if source.principal != UNKNOWN else "none"

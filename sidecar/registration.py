@@ -8,6 +8,7 @@ being down is retried forever with the heartbeat period; it never stops the data
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import httpx
 import trio
@@ -21,8 +22,10 @@ CALL_TIMEOUT = 5.0  # seconds per registry call
 
 
 class Registration:
-    def __init__(self, boot: Bootstrap, client: httpx.AsyncClient) -> None:
+    def __init__(self, boot: Bootstrap, client: httpx.AsyncClient,
+                 token: Callable[[], str] | None = None) -> None:
         self.boot = boot
+        self.token = token
         self.client = client
         self.registered = False
         self._scope = trio.CancelScope()  # cancelled by deregister(): no re-register in drain
@@ -31,12 +34,14 @@ class Registration:
         b = self.boot
         labels = {"app": b.service, **b.labels}
         return {"service": b.service, "instance_id": b.instance_id, "address": b.advertise_address,
-                "port": b.inbound_port, "labels": labels, "source": "builtin", "ttl": b.ttl}
+                "port": b.inbound_port, "labels": labels, "source": "builtin", "ttl": b.ttl,
+                "namespace": b.namespace}
 
     async def register(self) -> None:
         url = f"{self.boot.meshd_addr}/v1/registry/instances"
         with trio.fail_after(CALL_TIMEOUT):
-            resp = await self.client.post(url, json=self._instance(), headers=auth_headers(self.boot))
+            resp = await self.client.post(url, json=self._instance(),
+                                          headers=auth_headers(self.boot, self.token))
         resp.raise_for_status()
         self.registered = True
         log.info("registered %s as %s", self.boot.service, self.boot.instance_id)
@@ -44,7 +49,7 @@ class Registration:
     async def heartbeat(self) -> None:
         url = f"{self.boot.meshd_addr}/v1/registry/instances/{self.boot.instance_id}/heartbeat"
         with trio.fail_after(CALL_TIMEOUT):
-            resp = await self.client.put(url, headers=auth_headers(self.boot))
+            resp = await self.client.put(url, headers=auth_headers(self.boot, self.token))
         if resp.status_code == 404:
             self.registered = False
             await self.register()
@@ -68,7 +73,7 @@ class Registration:
         url = f"{self.boot.meshd_addr}/v1/registry/instances/{self.boot.instance_id}"
         try:
             with trio.fail_after(CALL_TIMEOUT):
-                await self.client.delete(url, headers=auth_headers(self.boot))
+                await self.client.delete(url, headers=auth_headers(self.boot, self.token))
             log.info("deregistered %s", self.boot.instance_id)
         except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
             log.warning("deregister failed: %s", exc)

@@ -55,6 +55,7 @@ class Sidecar:
     config: Path
     labels: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    mtls_mode: str = "PERMISSIVE"
 
 
 class MeshHarness:
@@ -80,7 +81,8 @@ class MeshHarness:
         return proc
 
     def start_meshd(self, token: str = "") -> None:
-        """Start ``meshd serve`` (with a join token if given; sidecars started later use it)."""
+        """Start ``meshd serve``, requiring operator ``token`` on its API if given. Sidecars get
+        their own join tokens (``POST /v1/tokens``) in their bootstrap files."""
         self.token = token
         if token:
             self.http.headers["authorization"] = f"Bearer {token}"
@@ -102,12 +104,13 @@ class MeshHarness:
         return self._spawn(name, ["meshd.demo.apps", app, "--port", str(port), *extra], env)
 
     def add_service(self, name: str, service: str, app: str | None = None,
-                    labels: dict[str, str] | None = None, **app_opts: str) -> Sidecar:
+                    labels: dict[str, str] | None = None, mtls_mode: str = "PERMISSIVE",
+                    **app_opts: str) -> Sidecar:
         """Start ``app`` (a demo app name, ``"httpbin"``, or none) and its sidecar.
 
         ``app_opts`` become ``--key value`` options of the demo app (e.g. status="500")."""
         sc = Sidecar(name, service, free_port(), free_port(), free_port(), free_port(),
-                     self.workdir / f"{name}.toml", dict(labels or {}))
+                     self.workdir / f"{name}.toml", dict(labels or {}), mtls_mode=mtls_mode)
         sc.config.write_text(self._bootstrap(sc))
         proxy_env = {"HTTP_PROXY": f"http://127.0.0.1:{sc.outbound}", "NO_PROXY": ""}
         if app == "httpbin":
@@ -129,7 +132,14 @@ class MeshHarness:
                 f"inbound_port = {sc.inbound}\noutbound_port = {sc.outbound}\n"
                 f'admin_port = {sc.admin}\nmeshd_addr = "{self.meshd_addr}"\n'
                 f'data_dir = "{self.workdir / sc.name}"\nttl = {self.ttl}\n'
-                f'drain_seconds = {self.drain}\ntoken = "{self.token}"\n')
+                f'drain_seconds = {self.drain}\ntoken = "{self.join_token(sc.service)}"\n'
+                f'mtls_mode = "{sc.mtls_mode}"\n')
+
+    def join_token(self, service: str, namespace: str = "default") -> str:
+        """A fresh join token for ``service`` from meshd (needs meshd running)."""
+        resp = self.api("POST", "/v1/tokens", json={"service": service, "namespace": namespace})
+        resp.raise_for_status()
+        return str(resp.json()["token"])
 
     def wait_app(self, name: str, timeout: float = READY_TIMEOUT) -> None:
         """Wait until the app of ``name`` accepts connections on its port."""

@@ -49,7 +49,7 @@ class MeshConfig:
 
 def _endpoint(inst: Instance) -> sm.Endpoint:
     return sm.Endpoint(address=inst.address, port=inst.port, instance_id=inst.instance_id,
-                       labels=dict(inst.labels))
+                       labels=dict(inst.labels), namespace=inst.namespace)
 
 
 def _cluster(name: str, host: str, subset: str, dest: rs.DestinationRule | None) -> sm.Cluster:

@@ -209,10 +209,14 @@ class Cluster(_Frozen):
 
 
 class Endpoint(_Frozen):
+    """One instance's inbound sidecar; its identity is ``spiffe://<td>/ns/<namespace>/sa/<service>``
+    with the service being the cluster's host."""
+
     address: str
     port: int
     instance_id: str = ""
     labels: dict[str, str] = {}
+    namespace: str = "default"
 
 
 class ClusterEndpoints(_Frozen):

@@ -103,6 +103,7 @@ class ConnInfo:
 
     peer: tuple[str, int] | None
     local: tuple[str, int] | None
+    principal: str | None = None  # the peer's SPIFFE ID after mTLS; None for plain text
 
 
 @dataclass

@@ -41,6 +41,7 @@ from sidecar.proxy.clusters import ClusterRuntimes
 from sidecar.proxy.common import PEER_HEADER, error_response, local_reply, observed, peer_header_value
 from sidecar.proxy.forward import Forwarder
 from sidecar.proxy.mirror import Mirror
+from sidecar.proxy.mtls import MeshIdentities
 from sidecar.state import Applied, State
 
 REPLAY_BUFFER_BYTES = 64 * 1024  # request bodies up to this size are buffered for retry/mirror
@@ -49,10 +50,15 @@ EGRESS_CONNECT_ATTEMPTS = 3
 
 class Outbound:
     def __init__(self, boot: Bootstrap, state: State, pool: UpstreamPool, metrics: Metrics,
-                 nursery: trio.Nursery | None = None) -> None:
+                 nursery: trio.Nursery | None = None, egress_pool: UpstreamPool | None = None,
+                 identities: MeshIdentities | None = None) -> None:
+        """``pool`` reaches mesh endpoints (mTLS through its connect seam, ``identities`` keeps
+        the expected SPIFFE IDs current); ``egress_pool`` reaches hosts outside the mesh."""
         self.boot = boot
         self.state = state
         self.pool = pool
+        self.egress_pool = egress_pool or pool
+        self.identities = identities
         self.metrics = metrics
         self.runtimes = ClusterRuntimes(boot.labels)
         self.forwarder = Forwarder(pool)
@@ -69,6 +75,8 @@ class Outbound:
             raise NoHealthyUpstream("no snapshot applied yet")
         if applied is not self._synced:
             self.runtimes.sync(applied, trio.current_time())
+            if self.identities is not None:
+                self.identities.sync(applied)
             self._synced = applied
         return applied
 
@@ -172,7 +180,7 @@ class Outbound:
         last: MeshError = NoHealthyUpstream(f"no endpoint for egress {target.host}")
         for host, port in addrs[:EGRESS_CONNECT_ATTEMPTS]:
             try:
-                return await self.pool.request(host, port, head, body)
+                return await self.egress_pool.request(host, port, head, body)
             except UpstreamConnectError as exc:
                 last = exc
         raise last

@@ -301,20 +301,22 @@ HEADER_PATTERNS = ["*", "a*", "*a", "a"]
 sub = st.lists  # short alias
 
 
-def _lists(pool: Sequence[object]) -> st.SearchStrategy[tuple[object, ...]]:
-    return sub(st.sampled_from(pool), max_size=2).map(tuple)
+def _lists(pool: Sequence[object], empty: int = 1) -> st.SearchStrategy[tuple[object, ...]]:
+    """Empty with weight ``empty`` against 1, else one or two values of ``pool``: conditions
+    are mostly absent, so that rules match often enough for the decisions to vary."""
+    some = sub(st.sampled_from(pool), min_size=1, max_size=2).map(tuple)
+    return st.one_of(*([st.just(())] * empty), some)
 
 
 sources = st.builds(AuthzSource, principals=_lists(PRINCIPAL_PATTERNS),
-                    not_principals=_lists(PRINCIPAL_PATTERNS), ip_blocks=_lists(BLOCKS),
-                    not_ip_blocks=_lists(BLOCKS))
+                    not_principals=_lists(PRINCIPAL_PATTERNS, 3), ip_blocks=_lists(BLOCKS, 2),
+                    not_ip_blocks=_lists(BLOCKS, 3))
 operations = st.builds(
-    AuthzOperation, methods=_lists(METHODS), not_methods=_lists(METHODS),
-    paths=_lists(PATH_PATTERNS), not_paths=_lists(PATH_PATTERNS), ports=_lists(PORTS),
-    not_ports=_lists(PORTS),
-    headers=sub(st.builds(AuthzHeader, name=st.just("x-h"),
-                          values=sub(st.sampled_from(HEADER_PATTERNS), min_size=1, max_size=2)
-                          .map(tuple)), max_size=1).map(tuple))
+    AuthzOperation, methods=_lists(METHODS), not_methods=_lists(METHODS, 3),
+    paths=_lists(PATH_PATTERNS), not_paths=_lists(PATH_PATTERNS, 3), ports=_lists(PORTS, 2),
+    not_ports=_lists(PORTS, 3),
+    headers=sub(st.builds(AuthzHeader, name=st.just("x-h"), values=_lists(HEADER_PATTERNS, 0)),
+                max_size=1).map(tuple))
 rules = st.builds(AuthzRule, source=st.none() | sources, operation=st.none() | operations)
 
 

@@ -28,7 +28,7 @@ BOOT = 'service = "svcb"\napp_port = 8080\nlabels = { version = "v1" }\ndata_dir
 
 def test_bootstrap_defaults_and_env_overrides(tmp_path: Path) -> None:
     boot = bootstrap.parse(BOOT.replace("{dir}", str(tmp_path)), "b.toml",
-                           env={"MESHD_ADDR": "http://meshd:15010", "MESHD_TOKEN": "t"})
+                           env={"MESHD_ADDR": "http://meshd:15010", "MESH_JOIN_TOKEN": "t"})
     assert (boot.inbound_port, boot.outbound_port, boot.admin_port) == (15006, 15001, 15000)
     assert boot.meshd_addr == "http://meshd:15010" and boot.token == "t"
     assert boot.instance_id.startswith("svcb-") and boot.spiffe_id.endswith("/ns/default/sa/svcb")
