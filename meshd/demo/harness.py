@@ -80,7 +80,7 @@ class MeshHarness:
         self.procs.append(proc)
         return proc
 
-    def start_meshd(self, token: str = "") -> None:
+    def start_meshd(self, token: str = "", *extra: str) -> None:
         """Start ``meshd serve``, requiring operator ``token`` on its API if given. Sidecars get
         their own join tokens (``POST /v1/tokens``) in their bootstrap files."""
         self.token = token
@@ -88,7 +88,8 @@ class MeshHarness:
             self.http.headers["authorization"] = f"Bearer {token}"
         self.meshd = self._spawn("meshd", ["meshd.cli.main", "serve", "--listen",
                                            f"127.0.0.1:{self.meshd_port}", "--data-dir",
-                                           str(self.workdir / "meshd-data"), "--log-level", "warning"],
+                                           str(self.workdir / "meshd-data"), "--log-level", "warning",
+                                           *extra],
                                  {"MESHD_TOKEN": token})
         wait_until(lambda: self.http.get(f"{self.meshd_addr}/healthz").status_code == 200,
                    READY_TIMEOUT, "meshd /healthz")

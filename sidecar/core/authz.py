@@ -228,7 +228,7 @@ class _Operation:
         if ctx.port in self.not_ports:
             return False
         if ctx.tcp:
-            return not self.http_only
+            return deny or not self.http_only
         if self.methods is not None and ctx.method not in self.methods:
             return False
         if ctx.method in self.not_methods:

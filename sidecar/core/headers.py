@@ -2,18 +2,19 @@
 
 Two layers, both raising ``RemoteProtocolError(msg, status_hint)``:
 
-* ``check_raw_head(head, ...)`` runs on the raw bytes of one complete head, *before* h11
-  parses it, and rejects what h11 0.16 lets through or silently repairs (style-and-reliability
-  §B.4): obs-fold, bare LF or CR, control bytes, duplicate or list-valued Content-Length
-  (h11 collapses ``Content-Length: 3`` twice, or ``3, 3``, into one), plus the size and
-  count caps (431) that h11 cannot enforce when a head arrives in one read.
+* ``check_raw_head(head, ...)`` runs on the raw bytes of one complete head, *before* the
+  parser (``sidecar.http.parser``) sees it, and rejects what parsers let through or silently
+  repair (style-and-reliability §B.4): obs-fold, bare LF or CR, control bytes, duplicate or
+  list-valued Content-Length (h11 collapses ``Content-Length: 3`` twice, or ``3, 3``, into
+  one), plus the size and count caps (431), enforced at every read size.
 * ``check_framing(http_version, headers)`` runs on decoded headers and rejects ambiguous
   body framing: Content-Length with Transfer-Encoding (RFC 9112 §6.1, Envoy's default),
   Transfer-Encoding on HTTP/1.0, any coding but ``chunked`` (501), versions but 1.0/1.1 (505).
 
-``encode_response_head`` serialises a response head with the framing decided by the caller and
-refuses CR/LF/NUL (response splitting). ``strip_hop_by_hop`` removes the RFC 9110 §7.6.1
-connection-specific fields before a head is forwarded. Headers are ``(name, value)`` tuples:
+``encode_response_head`` / ``encode_request_head`` serialise a head with the framing decided by
+the caller and refuse CR/LF/NUL (response splitting, request smuggling) and names that are not
+tokens. ``strip_hop_by_hop`` removes the RFC 9110 §7.6.1 connection-specific fields before a
+head is forwarded. Headers are ``(name, value)`` tuples:
 lower-case ``str`` names, latin-1 values.
 """
 
@@ -46,6 +47,8 @@ _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CL_LINE = b"\ncontent-length:"
 _DIGITS = re.compile(r"[0-9]{1,19}")  # h11 caps Content-Length at 20 digits; 19 fits an int64
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
+_TARGET = re.compile(r"[\x21-\x7e]+")  # request-target: visible ASCII (h11's rule)
+_NO_TOKENS: frozenset[str] = frozenset()
 _FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _TOKENS_SEEN: set[str] = set()  # header names already validated (names repeat on every response)
 _TOKENS_SEEN_MAX = 4096
@@ -125,52 +128,114 @@ def encode_response_head(
     if close:
         lines.append("connection: close\r\n")
     lines.append("\r\n")
+    return _finish(lines, "response")
+
+
+def encode_request_head(
+    method: str,
+    target: str,
+    headers: Iterable[Header],
+    *,
+    default_host: str,
+    length: int | None,
+    body_method: bool,
+) -> tuple[bytes, int | None]:
+    """Serialise an HTTP/1.1 request head; return it and the body length it declares.
+
+    Content-Length and Transfer-Encoding of ``headers`` are replaced: the body is ``length``
+    bytes if known, else a numeric Content-Length of ``headers``, else chunked (None is
+    returned). ``content-length`` is written for a non-zero length, when ``headers`` had one, or
+    when ``body_method`` (POST/PUT/PATCH, RFC 9110 §8.6). ``host: default_host`` comes first
+    when ``headers`` has no Host. Raises ``LocalProtocolError`` (500) for a method or name that is
+    not a token, a target that is not visible ASCII, CR/LF/NUL anywhere, or non-latin-1 text.
+    """
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    declared, has_host = None, False
+    for name, value in headers:
+        if name == "content-length":
+            declared = value
+            continue
+        if name == "transfer-encoding":
+            continue
+        if name == "host":
+            has_host = True
+        elif name not in _TOKENS_SEEN:
+            _check_token(name)
+        lines.append(f"{name}: {value}\r\n")
+    if not has_host:
+        lines.insert(1, f"host: {default_host}\r\n")
+    if length is None and declared is not None and _DIGITS.fullmatch(declared.strip(" \t")):
+        length = int(declared)
+    if length is None:
+        lines.append("transfer-encoding: chunked\r\n")
+    elif length or declared is not None or body_method:
+        lines.append(f"content-length: {length}\r\n")
+    lines.append("\r\n")
+    if method not in _TOKENS_SEEN:
+        _check_token(method, "method")
+    if not _TARGET.fullmatch(target):
+        raise LocalProtocolError(f"invalid request target {target!r}", 500)
+    return _finish(lines, "request"), length
+
+
+def _finish(lines: list[str], what: str) -> bytes:
+    """Join head lines; refuse CR, LF or NUL inside a line, and text that is not latin-1."""
     text = "".join(lines)
     if text.count("\n") != len(lines) or text.count("\r") != len(lines) or "\x00" in text:
-        raise LocalProtocolError("CR, LF or NUL in a response head", 500)
+        raise LocalProtocolError(f"CR, LF or NUL in a {what} head", 500)
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError as exc:
-        raise LocalProtocolError(f"response head is not latin-1: {exc}", 500) from exc
+        raise LocalProtocolError(f"{what} head is not latin-1: {exc}", 500) from exc
 
 
-def _check_token(name: str) -> None:
-    """Validate a header name (RFC 9110 token) once; remembered in a bounded cache."""
+def _check_token(name: str, what: str = "header name") -> None:
+    """Validate a header name or method (RFC 9110 token) once; remembered in a bounded cache."""
     if not _TOKEN.fullmatch(name):
-        raise LocalProtocolError(f"invalid response header name {name!r}", 500)
+        raise LocalProtocolError(f"invalid {what} {name!r}", 500)
     if len(_TOKENS_SEEN) < _TOKENS_SEEN_MAX:
         _TOKENS_SEEN.add(name)
 
 
 def decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[Header]:
-    """h11 header pairs (lower-case name bytes, value bytes) -> ``(str, str)`` pairs."""
+    """Raw header pairs (name bytes, value bytes) -> ``(str, str)`` pairs, names lower-cased."""
     return [(name.decode("ascii").lower(), value.decode("latin-1")) for name, value in raw]
 
 
-def check_framing(http_version: str, headers: Sequence[Header]) -> None:
+def check_framing(http_version: str, headers: Sequence[Header]) -> tuple[int | None, bool]:
     """Reject ambiguous or unsupported body framing in a decoded head.
 
-    Raises ``RemoteProtocolError``: 505 for versions other than ``1.0``/``1.1``; 400 for
-    several or non-numeric Content-Length values, Content-Length together with
-    Transfer-Encoding, or Transfer-Encoding on HTTP/1.0; 501 for any Transfer-Encoding
-    other than exactly one ``chunked`` (case-insensitive).
+    Returns ``(content_length, chunked)``: the declared Content-Length (None without one) and
+    whether the body is chunked. Raises ``RemoteProtocolError``: 505 for versions other than
+    ``1.0``/``1.1``; 400 for several or non-numeric Content-Length values, Content-Length
+    together with Transfer-Encoding, or Transfer-Encoding on HTTP/1.0; 501 for any
+    Transfer-Encoding other than exactly one ``chunked`` (case-insensitive).
     """
     if http_version not in ("1.1", "1.0"):
         raise RemoteProtocolError(f"HTTP/{http_version} not supported", 505)
-    lengths = [v for n, v in headers if n == "content-length"]
-    codings = [v for n, v in headers if n == "transfer-encoding"]
-    if len(lengths) > 1:
-        raise RemoteProtocolError("several Content-Length headers", 400)
-    if lengths and not _DIGITS.fullmatch(lengths[0].strip(" \t")):
-        raise RemoteProtocolError("Content-Length is not a decimal number", 400)
-    if not codings:
-        return
-    if lengths:
+    length = coding = None
+    codings = 0
+    for name, value in headers:
+        if name == "content-length":
+            if length is not None:
+                raise RemoteProtocolError("several Content-Length headers", 400)
+            length = value
+        elif name == "transfer-encoding":
+            codings += 1
+            coding = value
+    if length is not None:
+        length = length.strip(" \t")
+        if not _DIGITS.fullmatch(length):
+            raise RemoteProtocolError("Content-Length is not a decimal number", 400)
+    if coding is None:
+        return (None if length is None else int(length)), False
+    if length is not None:
         raise RemoteProtocolError("Content-Length with Transfer-Encoding (smuggling)", 400)
     if http_version == "1.0":
         raise RemoteProtocolError("Transfer-Encoding on HTTP/1.0", 400)
-    if len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked":
+    if codings > 1 or coding.strip(" \t").lower() != "chunked":
         raise RemoteProtocolError("only Transfer-Encoding: chunked is supported", 501)
+    return None, True
 
 
 def declared_length(headers: Sequence[Header]) -> int | None:
@@ -193,8 +258,19 @@ def connection_tokens(headers: Iterable[Header]) -> frozenset[str]:
     return frozenset(tokens)
 
 
+def split_hop_by_hop(headers: Iterable[Header]) -> tuple[tuple[Header, ...], frozenset[str]]:
+    """``(strip_hop_by_hop(headers), connection_tokens(headers))`` in one pass when possible."""
+    items = tuple(headers)
+    for name, _ in items:
+        if name in HOP_BY_HOP:
+            break
+    else:  # no Connection header either, so no field is nominated
+        return items, _NO_TOKENS
+    tokens = connection_tokens(items)
+    drop = HOP_BY_HOP | tokens
+    return tuple(item for item in items if item[0] not in drop), tokens
+
+
 def strip_hop_by_hop(headers: Iterable[Header]) -> tuple[Header, ...]:
     """Drop ``HOP_BY_HOP`` fields and every field named in Connection; keep the rest in order."""
-    items = tuple(headers)
-    drop = HOP_BY_HOP | connection_tokens(items)
-    return tuple(item for item in items if item[0] not in drop)
+    return split_hop_by_hop(headers)[0]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshd.snapshot.model import (
@@ -414,6 +414,11 @@ def ref_decide(pols: Sequence[AuthzPolicy], q: AuthzRequest) -> tuple[bool, str 
 
 @settings(max_examples=200, deadline=None)
 @given(pols=st.lists(policies(), max_size=5), q=requests)
+@example(pols=[policy("d", "DENY", rule(operation=AuthzOperation(paths=("/admin/*",))))],
+         q=req(method="", path="", tcp=True))
+@example(pols=[policy("a", "ALLOW", rule(operation=AuthzOperation(ports=(8080,),
+                                                                   methods=("GET",))))],
+         q=req(tcp=True))
 def test_decisions_follow_the_rules_as_written(pols: list[AuthzPolicy], q: AuthzRequest) -> None:
     d = Authorizer(pols).decide(q)
     assert (d.allowed, d.policy, d.audited) == ref_decide(pols, q)

@@ -1,0 +1,253 @@
+"""HTTP/1.1 wire parsing behind a small interface; the only module that imports httptools (llhttp).
+
+* ``parse_request_head(head)`` / ``parse_response_head(head)``: one complete head (start line
+  through the blank line) that already passed ``check_raw_head`` -> a ``ParsedRequest`` /
+  ``ParsedResponse`` with decoded headers and checked framing, or ``RemoteProtocolError``.
+* body decoders, sans-IO: ``LengthDecoder``, ``ChunkedDecoder`` (llhttp) and ``EOFDecoder``
+  (close-delimited responses). ``feed(data)`` returns ``(payload, rest)``: the body bytes found
+  in ``data`` and the bytes after the body's end (the next message); ``feed(b"")`` is EOF.
+
+The start line is matched by the regular expressions h11 uses (one space, a token method, a
+visible-ASCII target, ``HTTP/d.d``; other versions get 505), then llhttp parses the whole head
+in its strict default mode (no ``set_dangerous_leniencies``), then ``check_framing`` and the
+Host rules of RFC 9112 §3.2 apply. llhttp also refuses methods it does not know. When llhttp
+fails before the end of the headers, the head is split naively to give the status our own
+framing checks would give (501 for an unsupported Transfer-Encoding), else 400.
+
+Heads are fed alone, so llhttp never reads a body through them; a chunked body goes through a
+separate llhttp parser primed with a synthetic chunked head. Its message can only end right
+after a CRLF CRLF (strict mode: no bare LF), so data is fed up to each such candidate and the
+bytes after the end are handed back instead of being parsed as a pipelined next message.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httptools
+
+from meshd.errors import RemoteProtocolError
+from sidecar.core.headers import Header, check_framing
+
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
+_STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: [^\x00\r\n]*)?\r\n")
+_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0"}
+_CHUNKED_PRELUDE = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+_END = b"\r\n\r\n"
+_NAMES: dict[bytes, str] = {}  # raw header name -> lower-case str (names repeat on every message)
+_NAMES_MAX = 4096
+
+
+class ParsedRequest:
+    """A checked request head; ``length`` None with ``chunked``, 0 when no body is declared."""
+
+    __slots__ = ("chunked", "expect_100", "headers", "length", "method", "target", "upgrade", "version")
+
+    def __init__(self, method: str, target: str, version: str, headers: list[Header]):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+        self.length: int | None = 0
+        self.chunked = self.expect_100 = self.upgrade = False
+
+
+class ParsedResponse:
+    """A checked response head; ``length`` and ``chunked`` as declared (neither: until EOF)."""
+
+    __slots__ = ("chunked", "headers", "length", "reason", "status", "version")
+
+    def __init__(self, status: int, reason: str, version: str, headers: list[Header]):
+        self.status, self.reason, self.version, self.headers = status, reason, version, headers
+        self.length: int | None = None
+        self.chunked = False
+
+
+class _Collector:
+    """llhttp callbacks for a head: decoded headers, and whether the head ended."""
+
+    __slots__ = ("complete", "headers", "reason")
+
+    def __init__(self) -> None:
+        self.headers: list[Header] = []
+        self.complete = False
+        self.reason = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = _NAMES.get(name)
+        if key is None:
+            key = name.decode("ascii").lower()
+            if len(_NAMES) < _NAMES_MAX:
+                _NAMES[name] = key
+        self.headers.append((key, value.rstrip(b" \t").decode("latin-1")))  # llhttp keeps trailing OWS
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _run(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, col: _Collector,
+         head: bytes, version: str) -> None:
+    """Feed ``head``; raise the status our checks give, else 400, if llhttp or a count disagrees."""
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # CONNECT or Upgrade: the head is complete, the caller decides what follows
+    except httptools.HttpParserError as exc:
+        check_framing(version, col.headers if col.complete else _split_headers(head))
+        raise RemoteProtocolError(f"malformed head: {exc}", 400) from None
+    if not col.complete or len(col.headers) != head.count(b"\r\n") - 2:
+        raise RemoteProtocolError("malformed head: header lines and parsed fields differ", 400)
+
+
+def _split_headers(head: bytes) -> list[Header]:
+    """A naive split of a head llhttp refused, only to pick the status of the rejection."""
+    out = []
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out.append((name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")))
+    return out
+
+
+def parse_request_head(head: bytes) -> ParsedRequest:
+    """Parse and check a request head (see the module docstring); raises ``RemoteProtocolError``."""
+    m = _REQUEST_LINE.match(head)
+    if m is None:
+        raise RemoteProtocolError("malformed request line", 400)
+    version = _VERSIONS.get(m[3])
+    if version is None:
+        raise RemoteProtocolError(f"HTTP/{m[3].decode()} not supported", 505)
+    col = _Collector()
+    _run(httptools.HttpRequestParser(col), col, head, version)
+    req = ParsedRequest(m[1].decode("ascii"), m[2].decode("ascii"), version, col.headers)
+    req.length, req.chunked = check_framing(version, col.headers)
+    if req.length is None and not req.chunked:
+        req.length = 0
+    hosts = 0
+    for name, value in col.headers:
+        if name == "host":
+            hosts += 1
+        elif name == "expect":  # h11: a comma list, case-insensitive
+            req.expect_100 = req.expect_100 or any(
+                t.strip(" \t") == "100-continue" for t in value.lower().split(",")
+            )
+        elif name == "upgrade":
+            req.upgrade = req.upgrade or bool(value.strip(" \t,"))
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        raise RemoteProtocolError("missing or repeated Host header", 400)
+    req.expect_100 = req.expect_100 and version == "1.1"
+    req.upgrade = req.upgrade or req.method == "CONNECT"
+    return req
+
+
+def parse_response_head(head: bytes) -> ParsedResponse:
+    """Parse and check a response head; raises ``RemoteProtocolError``."""
+    m = _STATUS_LINE.match(head)
+    if m is None:
+        raise RemoteProtocolError("malformed status line", 502)
+    version = m[1].decode("ascii")
+    status = int(m[2])
+    if status < 100:
+        raise RemoteProtocolError(f"status {status}", 502)
+    col = _Collector()
+    _run(httptools.HttpResponseParser(col), col, head, version)
+    resp = ParsedResponse(status, col.reason.decode("latin-1"), version, col.headers)
+    resp.length, resp.chunked = check_framing(version, col.headers)
+    return resp
+
+
+class LengthDecoder:
+    """A body of ``length`` bytes (Content-Length framing)."""
+
+    __slots__ = ("done", "remaining")
+
+    def __init__(self, length: int):
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        if not data:
+            if self.done:
+                return b"", b""
+            raise RemoteProtocolError(f"peer closed {self.remaining} bytes before the body's end", 400)
+        left = self.remaining
+        if len(data) <= left:
+            self.remaining = left - len(data)
+            self.done = self.remaining == 0
+            return data, b""
+        self.remaining, self.done = 0, True
+        return data[:left], data[left:]
+
+
+class EOFDecoder:
+    """A close-delimited response body (no Content-Length, no chunked): ends at EOF."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        self.done = not data
+        return data, b""
+
+
+class ChunkedDecoder:
+    """A chunked body, decoded by llhttp in strict mode (bad sizes, footers, bare LF: 400)."""
+
+    __slots__ = ("_chunks", "_parser", "_tail", "done")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._tail = b""  # the last bytes fed, to find a CRLF CRLF across two reads
+        self.done = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._parser.feed_data(_CHUNKED_PRELUDE)
+
+    def on_body(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def on_message_begin(self) -> None:
+        if self.done:  # never reached when data is cut at the body's end; a guard all the same
+            raise RemoteProtocolError("data after the chunked body's end", 400)
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes]:
+        if self.done:
+            return b"", data
+        if not data:
+            raise RemoteProtocolError("peer closed before the chunked body's end", 400)
+        self._chunks = chunks = []
+        view, pos = memoryview(data), 0
+        try:
+            for end in self._candidates(data):
+                self._parser.feed_data(view[pos:end])
+                pos = end
+                if self.done:
+                    break
+            else:
+                self._parser.feed_data(view[pos:])
+                pos = len(data)
+        except httptools.HttpParserError as exc:
+            raise RemoteProtocolError(f"bad chunked body: {exc}", 400) from None
+        self._tail = (self._tail + data[max(0, pos - 3) : pos])[-3:]
+        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return payload, data[pos:] if pos < len(data) else b""
+
+    def _candidates(self, data: bytes) -> list[int]:
+        """Offsets in ``data`` just after a CRLF CRLF (one may start in the previous read)."""
+        out = []
+        tail = self._tail
+        if tail:
+            joined = tail + data[:3]
+            i = joined.find(_END)
+            while i >= 0:
+                out.append(i + 4 - len(tail))
+                i = joined.find(_END, i + 1)
+        i = data.find(_END)
+        while i >= 0:
+            out.append(i + 4)
+            i = data.find(_END, i + 1)
+        return out
