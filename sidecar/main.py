@@ -107,8 +107,8 @@ async def run(boot: bootstrap.Bootstrap) -> None:
             outbound = Outbound(boot, state, pool_out, metrics, nursery, pool_egress, identities)
             await _listen(nursery, outbound.handle, boot.outbound_address, boot.outbound_port)
             nursery.start_soon(health_checks.run, outbound.runtimes, outbound.sync)
-            await _listen_inbound(nursery, Inbound(boot, pool_in, metrics, agent).handle, boot,
-                                  ctxs)
+            inbound = Inbound(boot, pool_in, metrics, agent, state)
+            await _listen_inbound(nursery, inbound.handle, boot, ctxs)
             await _listen(nursery, Admin(boot.node, state, metrics, agent, ctxs).handle,
                           boot.admin_address, boot.admin_port)
             nursery.start_soon(sub.run)

@@ -53,6 +53,13 @@ class Metrics:
                                      registry=self.registry)
         self.nacks = Counter("meshd_sidecar_snapshot_rejected", "Snapshots NACKed",
                              registry=self.registry)
+        self.authz_denied = Counter("meshd_sidecar_authz_denied", "Requests denied (403)",
+                                    ["policy"], registry=self.registry)
+        self.authz_dry_run = Counter("meshd_sidecar_authz_dry_run_denied",
+                                     "Requests a dry-run policy would deny", ["policy"],
+                                     registry=self.registry)
+        self.rate_limited = Counter("meshd_sidecar_rate_limited", "Requests refused with 429",
+                                    ["limit"], registry=self.registry)
 
     def observe(self, *, reporter: str, source: Peer, destination: Peer, service: str,
                 code: int, flags: str, millis: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from meshd.snapshot import security
 from meshd.snapshot.model import Snapshot, StringMatch
 
 TOTAL_WEIGHT = 100  # Istio: destination weights of one route sum to 100
@@ -73,6 +74,7 @@ def consistency_errors(snap: Snapshot) -> list[str]:
     problems += [f"cluster {c} has no endpoint assignment" for c in sorted(clusters - set(assigned))]
     problems += [f"endpoints for unknown cluster {c}" for c in sorted(set(assigned) - clusters)]
     problems += _route_problems(snap, clusters)
+    problems += security.problems(snap)
     for e in snap.egress:
         if not e.ports or any(not 0 < p < 65536 for p in e.ports):
             problems.append(f"egress {e.host}: ports must be within 1..65535")

@@ -8,11 +8,12 @@
   in ``data`` and the bytes after the body's end (the next message); ``feed(b"")`` is EOF.
 
 The start line is matched by the regular expressions h11 uses (one space, a token method, a
-visible-ASCII target, ``HTTP/d.d``; other versions get 505), then llhttp parses the whole head
-in its strict default mode (no ``set_dangerous_leniencies``), then ``check_framing`` and the
-Host rules of RFC 9112 §3.2 apply. llhttp also refuses methods it does not know. When llhttp
-fails before the end of the headers, the head is split naively to give the status our own
-framing checks would give (501 for an unsupported Transfer-Encoding), else 400.
+visible-ASCII target, ``HTTP/d.d``; request versions other than 1.0/1.1 get 505). llhttp then
+parses the header section in its strict default mode (no ``set_dangerous_leniencies``) behind a
+fixed start line of ours, so methods llhttp does not know (``PURGE``-like extensions) are still
+accepted as h11 accepted them. Then ``check_framing`` and the Host rules of RFC 9112 §3.2 apply.
+When llhttp fails before the end of the headers, the head is split naively to give the status
+our own framing checks would give (501 for an unsupported Transfer-Encoding), else 400.
 
 Heads are fed alone, so llhttp never reads a body through them; a chunked body goes through a
 separate llhttp parser primed with a synthetic chunked head. Its message can only end right
@@ -30,8 +31,11 @@ from meshd.errors import RemoteProtocolError
 from sidecar.core.headers import Header, check_framing
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
-_STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: [^\x00\r\n]*)?\r\n")
+_STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\r\n]*))?\r\n")
 _VERSIONS = {b"1.1": "1.1", b"1.0": "1.0"}
+# llhttp parses the header section behind a start line of ours: the real one was matched above
+_REQUEST_PRELUDE = {"1.1": b"GET / HTTP/1.1\r\n", "1.0": b"GET / HTTP/1.0\r\n"}
+_RESPONSE_PRELUDE = b"HTTP/1.1 200 OK\r\n"
 _CHUNKED_PRELUDE = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
 _END = b"\r\n\r\n"
 _NAMES: dict[bytes, str] = {}  # raw header name -> lower-case str (names repeat on every message)
@@ -63,12 +67,11 @@ class ParsedResponse:
 class _Collector:
     """llhttp callbacks for a head: decoded headers, and whether the head ended."""
 
-    __slots__ = ("complete", "headers", "reason")
+    __slots__ = ("complete", "headers")
 
     def __init__(self) -> None:
         self.headers: list[Header] = []
         self.complete = False
-        self.reason = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = _NAMES.get(name)
@@ -78,20 +81,25 @@ class _Collector:
                 _NAMES[name] = key
         self.headers.append((key, value.rstrip(b" \t").decode("latin-1")))  # llhttp keeps trailing OWS
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
     def on_headers_complete(self) -> None:
         self.complete = True
 
 
-def _run(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, col: _Collector,
-         head: bytes, version: str) -> None:
-    """Feed ``head``; raise the status our checks give, else 400, if llhttp or a count disagrees."""
+def _run(
+    parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
+    col: _Collector,
+    prelude: bytes,
+    head: bytes,
+    start: int,
+    version: str,
+) -> None:
+    """Feed ``prelude`` and the header section ``head[start:]``; raise the status our checks
+    give, else 400, if llhttp fails or the header lines and parsed fields differ in number."""
     try:
-        parser.feed_data(head)
+        parser.feed_data(prelude)
+        parser.feed_data(memoryview(head)[start:])
     except httptools.HttpParserUpgrade:
-        pass  # CONNECT or Upgrade: the head is complete, the caller decides what follows
+        pass  # Connection: upgrade + Upgrade: the head is complete, the caller decides the rest
     except httptools.HttpParserError as exc:
         check_framing(version, col.headers if col.complete else _split_headers(head))
         raise RemoteProtocolError(f"malformed head: {exc}", 400) from None
@@ -118,7 +126,7 @@ def parse_request_head(head: bytes) -> ParsedRequest:
     if version is None:
         raise RemoteProtocolError(f"HTTP/{m[3].decode()} not supported", 505)
     col = _Collector()
-    _run(httptools.HttpRequestParser(col), col, head, version)
+    _run(httptools.HttpRequestParser(col), col, _REQUEST_PRELUDE[version], head, m.end(), version)
     req = ParsedRequest(m[1].decode("ascii"), m[2].decode("ascii"), version, col.headers)
     req.length, req.chunked = check_framing(version, col.headers)
     if req.length is None and not req.chunked:
@@ -150,8 +158,8 @@ def parse_response_head(head: bytes) -> ParsedResponse:
     if status < 100:
         raise RemoteProtocolError(f"status {status}", 502)
     col = _Collector()
-    _run(httptools.HttpResponseParser(col), col, head, version)
-    resp = ParsedResponse(status, col.reason.decode("latin-1"), version, col.headers)
+    _run(httptools.HttpResponseParser(col), col, _RESPONSE_PRELUDE, head, m.end(), version)
+    resp = ParsedResponse(status, (m[3] or b"").decode("latin-1"), version, col.headers)
     resp.length, resp.chunked = check_framing(version, col.headers)
     return resp
 

@@ -26,6 +26,7 @@ from meshd.errors import MeshError, NoHealthyUpstream, UpstreamConnectError
 from meshd.snapshot.model import Endpoint, Route
 from sidecar.bootstrap import Bootstrap
 from sidecar.core.hashing import request_hash
+from sidecar.core.ratelimit import LocalLimiter, request_key, retry_after_header
 from sidecar.core.rewrite import (
     apply_header_ops,
     fault_decision,
@@ -65,6 +66,7 @@ class Outbound:
         self.mirror = Mirror(self.runtimes, nursery) if nursery is not None else None
         self.rand = random.Random()
         self._synced: Applied | None = None
+        self.limiter: LocalLimiter | None = None
         self.me = Peer(workload=boot.service, namespace=boot.namespace, app=boot.service,
                        version=boot.labels.get("version", "unknown"), principal=boot.spiffe_id)
         self._peer_value = peer_header_value(boot)
@@ -75,6 +77,7 @@ class Outbound:
             raise NoHealthyUpstream("no snapshot applied yet")
         if applied is not self._synced:
             self.runtimes.sync(applied, trio.current_time())
+            self.limiter = LocalLimiter(applied.snapshot.ratelimits, previous=self.limiter)
             if self.identities is not None:
                 self.identities.sync(applied)
             self._synced = applied
@@ -120,6 +123,9 @@ class Outbound:
                        info: ConnInfo) -> tuple[Response, Peer, str]:
         route = target.policy
         assert route is not None
+        limited = self._rate_limit(target, head)
+        if limited is not None:
+            return limited, Peer(app=target.host, workload=target.host), "RL"
         local = self._local_action(route, head)
         if local is not None:
             return _with_response_ops(local, route), Peer(app=target.host, workload=target.host), "-"
@@ -140,6 +146,19 @@ class Outbound:
             rt, out.replace(headers=(*out.headers, (PEER_HEADER, self._peer_value))), payload,
             timeout=route.timeout, retry=route.retry, hash_key=self._hash_key(rt, head, info))
         return _with_response_ops(resp, route), _peer_of(ep, target.host), flags
+
+    def _rate_limit(self, target: MeshTarget, head: RequestHead) -> Response | None:
+        """Local token buckets of the destination/route (Envoy local_ratelimit): 429 + retry-after."""
+        if self.limiter is None:
+            return None
+        principal = self.me.principal if self.me.principal != "unknown" else None
+        decision = self.limiter.check(target.host, target.route,
+                                      request_key(principal, dict(head.headers)), time.monotonic())
+        if decision.allowed:
+            return None
+        self.metrics.rate_limited.labels(decision.limit_name or "-").inc()
+        return local_reply(429, f"rate limited by {decision.limit_name}", "RL",
+                           extra=(("retry-after", retry_after_header(decision.retry_after)),))
 
     def _local_action(self, route: Route, head: RequestHead) -> Response | None:
         if route.direct_response is not None:
