@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import click
 
 from meshd.cli.client import Api, default_author, fail, pass_api, print_errors
+from meshd.rules.schema import KINDS
 
-KIND = click.Choice(["route", "destination", "egress"])
+KIND = click.Choice(list(KINDS))
 _MARK = {"create": "+", "update": "~", "delete": "-"}
 _DIFF_COLOR = {"+": "green", "-": "red", "@": "cyan"}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,7 +72,7 @@ def rule_push(api: Api, file: str, dry_run: bool, author: str) -> None:
 def rule_list(api: Api) -> None:
     """List rules as KIND/NAME HOST SOURCE."""
     _, body = api.call("GET", "/v1/rules")
-    for kind in ("route", "destination", "egress"):
+    for kind in KINDS:
         for r in body["rules"].get(kind, []):
             src = body["sources"].get(f"{kind}/{r['name']}", "")
             click.echo(f"{kind}/{r['name']}\t{r['host']}\t{src}")

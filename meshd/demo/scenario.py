@@ -8,7 +8,9 @@ and v2; svcb calls msgd, an external service outside the mesh. Steps, each check
 (c) after a route rule, ~5 % of N requests reach v2 and every iPhone request reaches v2;
 (d) killing one v1 instance drops it from the endpoints within its TTL, with no failed
     requests after that;
-(e) ``meshd proxy-status`` shows every sidecar in sync.
+(e) ``meshd proxy-status`` shows every sidecar in sync;
+(f) traffic between sidecars is mutual TLS with SPIFFE identities, and an authorization DENY
+    policy (svca may not call svcb's /notify) takes effect, then is deleted.
 
 Returns 0 only if every step behaved as stated. Processes are always cleaned up.
 """
@@ -205,6 +207,43 @@ def step_d(mesh: MeshHarness, step: Step, client: httpx.Client) -> None:
                f"{counts['instance:svcb-v1-b']} reached the dead instance")
 
 
+DENY_RULES = """\
+[[authorization]]
+name = "svca-may-not-notify"
+host = "svcb"
+action = "DENY"
+[[authorization.rules]]
+from = { principals = ["spiffe://cluster.local/ns/default/sa/svca"] }
+to = { paths = ["/notify"] }
+"""
+
+
+def step_f(mesh: MeshHarness, step: Step, client: httpx.Client) -> None:
+    port = mesh.sidecars["svca-1"].inbound
+    print("== (f) mTLS between sidecars, and an authorization DENY policy", flush=True)
+    certs = mesh.admin_json("svcb-v2", "/certs")
+    ident = certs["identity"]
+    print(f"   svcb-v2 certificate: {ident['spiffe_id']} serial {ident['serial'][:12]}...",
+          flush=True)
+    metrics = mesh.http.get(f"http://127.0.0.1:{mesh.sidecars['svcb-v2'].admin}/metrics").text
+    mtls = [line for line in metrics.splitlines() if line.startswith("istio_requests_total{")
+            and 'connection_security_policy="mutual_tls"' in line
+            and 'source_principal="spiffe://cluster.local/ns/default/sa/svca"' in line]
+    step.check(bool(mtls), "svcb's sidecar saw svca's requests over mTLS with svca's SPIFFE ID")
+    rules = mesh.workdir / "deny.toml"
+    rules.write_text(DENY_RULES)
+    step.check(cli(mesh, "rule", "push", str(rules)).returncode == 0, "rule push deny.toml")
+    mesh.wait_synced([n for n in mesh.sidecars if n != "svcb-v1-b"])
+    status, doc = pay(client, port)
+    inner = doc.get("downstream")
+    step.check(status == 502 and isinstance(inner, str) and "RBAC: access denied" in inner,
+               f"/pay -> {status}: svcb's sidecar answered 403 RBAC to svca")
+    step.check(cli(mesh, "rule", "delete", "authorization", "svca-may-not-notify").returncode == 0,
+               "rule delete authorization svca-may-not-notify")
+    mesh.wait_synced([n for n in mesh.sidecars if n != "svcb-v1-b"])
+    step.check(pay(client, port)[0] == 200, "/pay -> 200 again")
+
+
 def step_e(mesh: MeshHarness, step: Step) -> None:
     print("== (e) proxy-status", flush=True)
     alive = [n for n in mesh.sidecars if n != "svcb-v1-b"]
@@ -212,7 +251,7 @@ def step_e(mesh: MeshHarness, step: Step) -> None:
                "the dead sidecar to leave proxy-status")
     out = cli(mesh, "proxy-status")
     step.check(out.returncode == 0 and mesh.synced(alive),
-               f"all {len(alive)} live sidecars SYNCED at the same version")
+               f"all {len(alive)} live sidecars SYNCED (applied = intended version)")
 
 
 def run_demo(n: int = 2000, keep: bool = False) -> int:
@@ -225,7 +264,8 @@ def run_demo(n: int = 2000, keep: bool = False) -> int:
             steps_a_b(mesh, step, c, msgd_port)
             step_c(mesh, step, c, n)
             step_d(mesh, step, c)
-        step_e(mesh, step)
+            step_e(mesh, step)
+            step_f(mesh, step, c)
     except (TimeoutError, httpx.HTTPError, OSError) as exc:
         step.check(False, f"demo aborted: {exc} (logs in {workdir})")
         keep = True

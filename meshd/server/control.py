@@ -23,7 +23,7 @@ import trio
 from meshd.errors import ConfigError, RuleValidationError
 from meshd.rules import validate as rv
 from meshd.rules.checks import check_file, dotted
-from meshd.rules.schema import RulesFile
+from meshd.rules.schema import KINDS, RulesFile
 from meshd.server import rulediff
 from meshd.server.cache import SnapshotCache
 from meshd.snapshot.compile import MeshConfig, NodeInfo, compile_mesh, for_node, listeners
@@ -114,7 +114,7 @@ class ControlPlane:
             result["version"] = str(self.version)
             return result
         sources = dict(self.sources)
-        for kind in ("route", "destination", "egress"):
+        for kind in KINDS:
             for rule in getattr(pushed, kind):
                 sources[source_key(kind, rule.name)] = file
         result["revision"] = self._commit(merged, sources, "push", file, changes, author)

@@ -8,12 +8,12 @@
   in ``data`` and the bytes after the body's end (the next message); ``feed(b"")`` is EOF.
 
 The start line is matched by the regular expressions h11 uses (one space, a token method, a
-visible-ASCII target, ``HTTP/d.d``; request versions other than 1.0/1.1 get 505). llhttp then
+visible-ASCII target, ``HTTP/d.d``; versions other than 1.0/1.1 get 505). llhttp then
 parses the header section in its strict default mode (no ``set_dangerous_leniencies``) behind a
 fixed start line of ours, so methods llhttp does not know (``PURGE``-like extensions) are still
-accepted as h11 accepted them. Then ``check_framing`` and the Host rules of RFC 9112 §3.2 apply.
+accepted as h11 accepted them. Then the Host rules of RFC 9112 §3.2 and ``check_framing`` apply.
 When llhttp fails before the end of the headers, the head is split naively to give the status
-our own framing checks would give (501 for an unsupported Transfer-Encoding), else 400.
+h11 gave (501 for an unsupported Transfer-Encoding), else 400.
 
 Heads are fed alone, so llhttp never reads a body through them; a chunked body goes through a
 separate llhttp parser primed with a synthetic chunked head. Its message can only end right
@@ -32,9 +32,8 @@ from sidecar.core.headers import Header, check_framing
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\r\n]*))?\r\n")
-_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0"}
 # llhttp parses the header section behind a start line of ours: the real one was matched above
-_REQUEST_PRELUDE = {"1.1": b"GET / HTTP/1.1\r\n", "1.0": b"GET / HTTP/1.0\r\n"}
+_REQUEST_PRELUDE = b"GET / HTTP/1.1\r\n"
 _RESPONSE_PRELUDE = b"HTTP/1.1 200 OK\r\n"
 _CHUNKED_PRELUDE = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
 _END = b"\r\n\r\n"
@@ -91,20 +90,21 @@ def _run(
     prelude: bytes,
     head: bytes,
     start: int,
-    version: str,
-) -> None:
-    """Feed ``prelude`` and the header section ``head[start:]``; raise the status our checks
-    give, else 400, if llhttp fails or the header lines and parsed fields differ in number."""
+) -> RemoteProtocolError | None:
+    """Feed ``prelude`` and the header section ``head[start:]``; the error if llhttp fails (its
+    status is 501 when h11 would have refused a Transfer-Encoding first, else 400)."""
     try:
         parser.feed_data(prelude)
         parser.feed_data(memoryview(head)[start:])
     except httptools.HttpParserUpgrade:
         pass  # Connection: upgrade + Upgrade: the head is complete, the caller decides the rest
     except httptools.HttpParserError as exc:
-        check_framing(version, col.headers if col.complete else _split_headers(head))
-        raise RemoteProtocolError(f"malformed head: {exc}", 400) from None
+        if not col.complete:
+            _check_codings(_split_headers(head))
+        return RemoteProtocolError(f"malformed head: {exc}", 400)
     if not col.complete or len(col.headers) != head.count(b"\r\n") - 2:
-        raise RemoteProtocolError("malformed head: header lines and parsed fields differ", 400)
+        return RemoteProtocolError("malformed head: header lines and parsed fields differ", 400)
+    return None
 
 
 def _split_headers(head: bytes) -> list[Header]:
@@ -117,32 +117,47 @@ def _split_headers(head: bytes) -> list[Header]:
     return out
 
 
+def _check_codings(headers: list[Header]) -> None:
+    """h11's rule, checked before any other: one Transfer-Encoding, exactly ``chunked`` (501)."""
+    codings = [value for name, value in headers if name == "transfer-encoding"]
+    if len(codings) > 1 or (codings and codings[0].lower() != "chunked"):
+        raise RemoteProtocolError("only one Transfer-Encoding: chunked is supported", 501)
+
+
 def parse_request_head(head: bytes) -> ParsedRequest:
-    """Parse and check a request head (see the module docstring); raises ``RemoteProtocolError``."""
+    """Parse and check a request head (see the module docstring); raises ``RemoteProtocolError``.
+
+    The checks run in the order h11 + ``check_framing`` ran them, so a head with several faults
+    mostly gets the status it got before: request line (400), header syntax (400) and
+    Transfer-Encoding (501), Host (400), then ``check_framing`` (505 first).
+    """
     m = _REQUEST_LINE.match(head)
     if m is None:
         raise RemoteProtocolError("malformed request line", 400)
-    version = _VERSIONS.get(m[3])
-    if version is None:
-        raise RemoteProtocolError(f"HTTP/{m[3].decode()} not supported", 505)
+    version = m[3].decode("ascii")
     col = _Collector()
-    _run(httptools.HttpRequestParser(col), col, _REQUEST_PRELUDE[version], head, m.end(), version)
-    req = ParsedRequest(m[1].decode("ascii"), m[2].decode("ascii"), version, col.headers)
-    req.length, req.chunked = check_framing(version, col.headers)
-    if req.length is None and not req.chunked:
-        req.length = 0
+    error = _run(httptools.HttpRequestParser(col), col, _REQUEST_PRELUDE, head, m.end())
+    headers = col.headers
+    req = ParsedRequest(m[1].decode("ascii"), m[2].decode("ascii"), version, headers)
     hosts = 0
-    for name, value in col.headers:
+    for name, value in headers:
         if name == "host":
             hosts += 1
+        elif name == "transfer-encoding":
+            _check_codings(headers)
         elif name == "expect":  # h11: a comma list, case-insensitive
             req.expect_100 = req.expect_100 or any(
                 t.strip(" \t") == "100-continue" for t in value.lower().split(",")
             )
         elif name == "upgrade":
             req.upgrade = req.upgrade or bool(value.strip(" \t,"))
+    if error is not None:
+        raise error
     if hosts > 1 or (hosts == 0 and version == "1.1"):
         raise RemoteProtocolError("missing or repeated Host header", 400)
+    req.length, req.chunked = check_framing(version, headers)
+    if req.length is None and not req.chunked:
+        req.length = 0
     req.expect_100 = req.expect_100 and version == "1.1"
     req.upgrade = req.upgrade or req.method == "CONNECT"
     return req
@@ -158,7 +173,9 @@ def parse_response_head(head: bytes) -> ParsedResponse:
     if status < 100:
         raise RemoteProtocolError(f"status {status}", 502)
     col = _Collector()
-    _run(httptools.HttpResponseParser(col), col, _RESPONSE_PRELUDE, head, m.end(), version)
+    error = _run(httptools.HttpResponseParser(col), col, _RESPONSE_PRELUDE, head, m.end())
+    if error is not None:
+        raise error
     resp = ParsedResponse(status, (m[3] or b"").decode("latin-1"), version, col.headers)
     resp.length, resp.chunked = check_framing(version, col.headers)
     return resp
