@@ -23,7 +23,7 @@ import trio
 from meshd.errors import ConfigError, IdentityError
 from sidecar import bootstrap
 from sidecar.admin import Admin
-from sidecar.control import Subscription
+from sidecar.control import Subscription, auth_headers
 from sidecar.http.client import UpstreamPool
 from sidecar.http.limits import ClientLimits
 from sidecar.http.messages import ConnInfo, Handler
@@ -32,6 +32,7 @@ from sidecar.identity.agent import IdentityAgent
 from sidecar.identity.tls import TlsContexts, accept
 from sidecar.metrics import Metrics
 from sidecar.proxy import health_checks
+from sidecar.proxy.global_limits import GlobalLimits
 from sidecar.proxy.inbound import Inbound
 from sidecar.proxy.mtls import MeshIdentities, mesh_connector
 from sidecar.proxy.outbound import Outbound
@@ -104,7 +105,10 @@ async def run(boot: bootstrap.Bootstrap) -> None:
         pool_egress, pool_in = UpstreamPool(limits=limits), UpstreamPool()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            outbound = Outbound(boot, state, pool_out, metrics, nursery, pool_egress, identities)
+            quota = GlobalLimits(boot.meshd_addr, boot.node, client,
+                                 partial(auth_headers, boot, token))
+            outbound = Outbound(boot, state, pool_out, metrics, nursery, pool_egress, identities,
+                                quota)
             await _listen(nursery, outbound.handle, boot.outbound_address, boot.outbound_port)
             nursery.start_soon(health_checks.run, outbound.runtimes, outbound.sync)
             inbound = Inbound(boot, pool_in, metrics, agent, state)

@@ -268,6 +268,7 @@ def build_app(cp: ControlPlane, token: str = "", identity: IdentityService | Non
         Route("/v1/snapshot/{node}", guard(snapshot, "sidecar")),
         Route("/v1/snapshot/{node}/ack", guard(ack, "sidecar"), methods=["POST"]),
         Route("/v1/proxy-status", guard(proxy_status)),
+        Route("/v1/quota", guard(cp.quotas.handle, "sidecar"), methods=["POST"]),
     ]
     routes += identity_routes(identity, auth)
     return Starlette(routes=routes)

@@ -26,6 +26,7 @@ from meshd.rules.checks import check_file, dotted
 from meshd.rules.schema import KINDS, RulesFile
 from meshd.server import rulediff
 from meshd.server.cache import SnapshotCache
+from meshd.server.quota import Quotas
 from meshd.snapshot.compile import MeshConfig, NodeInfo, compile_mesh, for_node, listeners
 from meshd.snapshot.consistency import consistency_errors
 from meshd.snapshot.model import Version
@@ -49,6 +50,7 @@ class ControlPlane:
         self.revision = stored.revision  # rule-history revision of the live rules (0 = none yet)
         self.registry = BuiltinRegistry()
         self.cache = SnapshotCache()
+        self.quotas = Quotas()
         self._mesh: MeshConfig | None = None
         self._restored = store.load_instances()
 
@@ -71,6 +73,7 @@ class ControlPlane:
         mesh = compile_mesh(self.rules, self.instances())
         self.counter += 1
         self._mesh = mesh
+        self.quotas.sync(mesh)
         return sum(self._publish(info) for info in self.cache.nodes())
 
     def _publish(self, info: NodeInfo) -> bool:

@@ -12,8 +12,8 @@ visible-ASCII target, ``HTTP/d.d``; versions other than 1.0/1.1 get 505). llhttp
 parses the header section in its strict default mode (no ``set_dangerous_leniencies``) behind a
 fixed start line of ours, so methods llhttp does not know (``PURGE``-like extensions) are still
 accepted as h11 accepted them. Then the Host rules of RFC 9112 §3.2 and ``check_framing`` apply.
-When llhttp fails before the end of the headers, the head is split naively to give the status
-h11 gave (501 for an unsupported Transfer-Encoding), else 400.
+When llhttp refuses a head whose lines all pass h11's header syntax (llhttp also refuses some
+framing, e.g. two codings), the later checks on a naive split pick the status h11 gave.
 
 Heads are fed alone, so llhttp never reads a body through them; a chunked body goes through a
 separate llhttp parser primed with a synthetic chunked head. Its message can only end right
@@ -37,6 +37,8 @@ _REQUEST_PRELUDE = b"GET / HTTP/1.1\r\n"
 _RESPONSE_PRELUDE = b"HTTP/1.1 200 OK\r\n"
 _CHUNKED_PRELUDE = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
 _END = b"\r\n\r\n"
+_H11_FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?[ \t]*")
+_H11_LENGTH = re.compile(r"[0-9]{1,20}")
 _NAMES: dict[bytes, str] = {}  # raw header name -> lower-case str (names repeat on every message)
 _NAMES_MAX = 4096
 
@@ -90,46 +92,67 @@ def _run(
     prelude: bytes,
     head: bytes,
     start: int,
-) -> RemoteProtocolError | None:
-    """Feed ``prelude`` and the header section ``head[start:]``; the error if llhttp fails (its
-    status is 501 when h11 would have refused a Transfer-Encoding first, else 400)."""
+) -> Exception | None:
+    """Feed ``prelude`` and the header section ``head[start:]``; llhttp's error, if any."""
     try:
         parser.feed_data(prelude)
         parser.feed_data(memoryview(head)[start:])
     except httptools.HttpParserUpgrade:
         pass  # Connection: upgrade + Upgrade: the head is complete, the caller decides the rest
     except httptools.HttpParserError as exc:
-        if not col.complete:
-            _check_codings(_split_headers(head))
-        return RemoteProtocolError(f"malformed head: {exc}", 400)
+        return exc
     if not col.complete or len(col.headers) != head.count(b"\r\n") - 2:
-        return RemoteProtocolError("malformed head: header lines and parsed fields differ", 400)
+        return ValueError("header lines and parsed fields differ in number")
     return None
 
 
-def _split_headers(head: bytes) -> list[Header]:
-    """A naive split of a head llhttp refused, only to pick the status of the rejection."""
-    out = []
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            out.append((name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")))
-    return out
+def _check_request(version: str, headers: list[Header], req: ParsedRequest | None) -> tuple[int | None, bool]:
+    """The checks after the syntax, in the order h11 + ``check_framing`` ran them: per header
+    Content-Length (400) and Transfer-Encoding (501), then Host (400), then ``check_framing``
+    (505 first). Notes Expect and Upgrade in ``req``. Returns ``check_framing``'s result."""
+    hosts, coded = 0, False
+    for name, value in headers:
+        if name == "host":
+            hosts += 1
+        elif name == "content-length":
+            if not _H11_LENGTH.fullmatch(value):
+                raise RemoteProtocolError("bad Content-Length", 400)
+        elif name == "transfer-encoding":
+            if coded or value.lower() != "chunked":
+                raise RemoteProtocolError("only one Transfer-Encoding: chunked is supported", 501)
+            coded = True
+        elif req is None:
+            pass
+        elif name == "expect":  # h11: a comma list, case-insensitive
+            req.expect_100 = req.expect_100 or any(
+                t.strip(" \t") == "100-continue" for t in value.lower().split(",")
+            )
+        elif name == "upgrade":
+            req.upgrade = req.upgrade or bool(value.strip(" \t,"))
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        raise RemoteProtocolError("missing or repeated Host header", 400)
+    return check_framing(version, headers)
 
 
-def _check_codings(headers: list[Header]) -> None:
-    """h11's rule, checked before any other: one Transfer-Encoding, exactly ``chunked`` (501)."""
-    codings = [value for name, value in headers if name == "transfer-encoding"]
-    if len(codings) > 1 or (codings and codings[0].lower() != "chunked"):
-        raise RemoteProtocolError("only one Transfer-Encoding: chunked is supported", 501)
+def _refusal(head: bytes, version: str, exc: Exception) -> RemoteProtocolError:
+    """The error for a head llhttp refused: 400 if a line breaks h11's header syntax, else the
+    status of the first later check that fails (llhttp also refuses, e.g., two codings)."""
+    lines = head.split(b"\r\n")[1:-2]
+    if all(_H11_FIELD.fullmatch(line) for line in lines):
+        split = (line.partition(b":") for line in lines)
+        headers = [(n.decode("ascii").lower(), v.strip(b" \t").decode("latin-1")) for n, _, v in split]
+        try:
+            _check_request(version, headers, None)
+        except RemoteProtocolError as err:
+            return err
+    return RemoteProtocolError(f"malformed head: {exc}", 400)
 
 
 def parse_request_head(head: bytes) -> ParsedRequest:
     """Parse and check a request head (see the module docstring); raises ``RemoteProtocolError``.
 
-    The checks run in the order h11 + ``check_framing`` ran them, so a head with several faults
-    mostly gets the status it got before: request line (400), header syntax (400) and
-    Transfer-Encoding (501), Host (400), then ``check_framing`` (505 first).
+    A head with several faults gets the status h11 + ``check_framing`` gave it: request line
+    (400), header syntax (400), then ``_check_request``.
     """
     m = _REQUEST_LINE.match(head)
     if m is None:
@@ -137,25 +160,10 @@ def parse_request_head(head: bytes) -> ParsedRequest:
     version = m[3].decode("ascii")
     col = _Collector()
     error = _run(httptools.HttpRequestParser(col), col, _REQUEST_PRELUDE, head, m.end())
-    headers = col.headers
-    req = ParsedRequest(m[1].decode("ascii"), m[2].decode("ascii"), version, headers)
-    hosts = 0
-    for name, value in headers:
-        if name == "host":
-            hosts += 1
-        elif name == "transfer-encoding":
-            _check_codings(headers)
-        elif name == "expect":  # h11: a comma list, case-insensitive
-            req.expect_100 = req.expect_100 or any(
-                t.strip(" \t") == "100-continue" for t in value.lower().split(",")
-            )
-        elif name == "upgrade":
-            req.upgrade = req.upgrade or bool(value.strip(" \t,"))
     if error is not None:
-        raise error
-    if hosts > 1 or (hosts == 0 and version == "1.1"):
-        raise RemoteProtocolError("missing or repeated Host header", 400)
-    req.length, req.chunked = check_framing(version, headers)
+        raise _refusal(head, version, error)
+    req = ParsedRequest(m[1].decode("ascii"), m[2].decode("ascii"), version, col.headers)
+    req.length, req.chunked = _check_request(version, col.headers, req)
     if req.length is None and not req.chunked:
         req.length = 0
     req.expect_100 = req.expect_100 and version == "1.1"
@@ -175,7 +183,7 @@ def parse_response_head(head: bytes) -> ParsedResponse:
     col = _Collector()
     error = _run(httptools.HttpResponseParser(col), col, _RESPONSE_PRELUDE, head, m.end())
     if error is not None:
-        raise error
+        raise RemoteProtocolError(f"malformed response head: {error}", 502)
     resp = ParsedResponse(status, (m[3] or b"").decode("latin-1"), version, col.headers)
     resp.length, resp.chunked = check_framing(version, col.headers)
     return resp

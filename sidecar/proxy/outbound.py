@@ -26,7 +26,12 @@ from meshd.errors import MeshError, NoHealthyUpstream, UpstreamConnectError
 from meshd.snapshot.model import Endpoint, Route
 from sidecar.bootstrap import Bootstrap
 from sidecar.core.hashing import request_hash
-from sidecar.core.ratelimit import LocalLimiter, request_key, retry_after_header
+from sidecar.core.ratelimit import (
+    LocalLimiter,
+    RateDecision,
+    request_key,
+    retry_after_header,
+)
 from sidecar.core.rewrite import (
     apply_header_ops,
     fault_decision,
@@ -41,6 +46,7 @@ from sidecar.metrics import Metrics, Peer
 from sidecar.proxy.clusters import ClusterRuntimes
 from sidecar.proxy.common import PEER_HEADER, error_response, local_reply, observed, peer_header_value
 from sidecar.proxy.forward import Forwarder
+from sidecar.proxy.global_limits import GlobalLimits
 from sidecar.proxy.mirror import Mirror
 from sidecar.proxy.mtls import MeshIdentities
 from sidecar.state import Applied, State
@@ -52,7 +58,8 @@ EGRESS_CONNECT_ATTEMPTS = 3
 class Outbound:
     def __init__(self, boot: Bootstrap, state: State, pool: UpstreamPool, metrics: Metrics,
                  nursery: trio.Nursery | None = None, egress_pool: UpstreamPool | None = None,
-                 identities: MeshIdentities | None = None) -> None:
+                 identities: MeshIdentities | None = None,
+                 global_limits: GlobalLimits | None = None) -> None:
         """``pool`` reaches mesh endpoints (mTLS through its connect seam, ``identities`` keeps
         the expected SPIFFE IDs current); ``egress_pool`` reaches hosts outside the mesh."""
         self.boot = boot
@@ -60,6 +67,7 @@ class Outbound:
         self.pool = pool
         self.egress_pool = egress_pool or pool
         self.identities = identities
+        self.global_limits = global_limits
         self.metrics = metrics
         self.runtimes = ClusterRuntimes(boot.labels)
         self.forwarder = Forwarder(pool)
@@ -123,7 +131,7 @@ class Outbound:
                        info: ConnInfo) -> tuple[Response, Peer, str]:
         route = target.policy
         assert route is not None
-        limited = self._rate_limit(target, head)
+        limited = self._rate_limit(target, head) or await self._global_limit(target, head)
         if limited is not None:
             return limited, Peer(app=target.host, workload=target.host), "RL"
         local = self._local_action(route, head)
@@ -154,8 +162,19 @@ class Outbound:
         principal = self.me.principal if self.me.principal != "unknown" else None
         decision = self.limiter.check(target.host, target.route,
                                       request_key(principal, dict(head.headers)), time.monotonic())
-        if decision.allowed:
+        return None if decision.allowed else self._limited(decision)
+
+    async def _global_limit(self, target: MeshTarget, head: RequestHead) -> Response | None:
+        applied = self.state.applied
+        if self.global_limits is None or applied is None or not applied.snapshot.ratelimits:
             return None
+        principal = self.me.principal if self.me.principal != "unknown" else None
+        decision = await self.global_limits.check(
+            applied.snapshot.ratelimits, target.host, target.route,
+            request_key(principal, dict(head.headers)))
+        return None if decision.allowed else self._limited(decision)
+
+    def _limited(self, decision: RateDecision) -> Response:
         self.metrics.rate_limited.labels(decision.limit_name or "-").inc()
         return local_reply(429, f"rate limited by {decision.limit_name}", "RL",
                            extra=(("retry-after", retry_after_header(decision.retry_after)),))

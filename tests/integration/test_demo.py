@@ -15,7 +15,8 @@ def test_demo_exits_zero_having_shown_every_step() -> None:
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    for marker in ("== (a)", "== (b)", "== (c)", "== (d)", "== (e)", "iPhone: 200/200 reached v2",
+    for marker in ("== (a)", "== (b)", "== (c)", "== (d)", "== (e)", "== (f)",
+                   "iPhone: 200/200 reached v2", "answered 403 RBAC",
                    "demo passed"):
         assert marker in text, text
     assert "FAIL" not in text
