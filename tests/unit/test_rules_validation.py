@@ -128,7 +128,8 @@ BAD_FILES = [
     (
         "unknown-top-level-kind",
         "rout = []\n",
-        ['r.toml:1: rout: unknown field "rout", expected one of: route, destination, egress, authorization, ratelimit'],
+        ['r.toml:1: rout: unknown field "rout", expected one of: route, destination, egress, '
+         "authorization, ratelimit"],
     ),
     (
         "table-instead-of-array-of-tables",
