@@ -93,6 +93,11 @@ def make_handler(name: str, version: str, instance: str, status: int = 200,
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # listen backlog; socketserver's 5 drops connections in a burst
+    daemon_threads = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(CALLS))
@@ -105,8 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     handler = make_handler(args.name, args.version, args.instance or f"{args.name}-{args.port}",
                            args.status, args.delay)
-    server = ThreadingHTTPServer((args.host, args.port), handler)
-    server.daemon_threads = True
+    server = _Server((args.host, args.port), handler)
     server.serve_forever()
 
 

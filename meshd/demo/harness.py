@@ -9,6 +9,7 @@ process it started on ``close()`` (SIGTERM, then SIGKILL after ``STOP_GRACE`` se
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,26 @@ STOP_GRACE = 3.0      # seconds between SIGTERM and SIGKILL
 READY_TIMEOUT = 20.0  # seconds
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the ephemeral range, so that no outgoing connection of this
+    busy host takes it between this check and the process that binds it."""
+    high = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port below the ephemeral range")
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, period: float = 0.05) -> float:
