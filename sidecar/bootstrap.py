@@ -65,6 +65,7 @@ class Bootstrap(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ttl: float = DEFAULT_TTL
     drain_seconds: float = DEFAULT_DRAIN
     mtls_mode: Literal["STRICT", "PERMISSIVE", "DISABLE"] = "PERMISSIVE"  # Istio's default
+    meshd_ca_file: str = ""  # PEM that signs meshd's HTTPS certificate (https meshd_addr)
 
     @property
     def node(self) -> str:

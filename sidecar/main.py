@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import ssl
 import sys
 import urllib.request
 from functools import partial
@@ -90,7 +91,10 @@ async def _wait_signal() -> int:
 
 async def run(boot: bootstrap.Bootstrap) -> None:
     state, metrics = State(), Metrics()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=60.0)) as client:
+    # an https meshd_addr is verified against meshd_ca_file when set, else the system roots
+    verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=boot.meshd_ca_file)
+                                     if boot.meshd_ca_file else True)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=60.0), verify=verify) as client:
         agent, ctxs = IdentityAgent(boot, client, boot.data_dir), TlsContexts()
         agent.on_change(ctxs.update)  # first: an OpenSSL refusal vetoes a bad certificate
         agent.load_cached()

@@ -9,6 +9,7 @@ on the inbound side; unknown values are the literal ``"unknown"``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -45,6 +46,9 @@ class Metrics:
         self.duration = Histogram("istio_request_duration_milliseconds",
                                   "Request duration in milliseconds", LABELS,
                                   buckets=DURATION_BUCKETS_MS, registry=self.registry)
+        # label values -> (requests child, duration child); as many entries as the metrics have
+        # children (never removed), so no bound of its own
+        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self.snapshot_applied = Gauge("meshd_sidecar_snapshot_applied_timestamp_seconds",
                                       "Unix time the current snapshot was applied",
                                       registry=self.registry)
@@ -70,8 +74,12 @@ class Metrics:
             destination.namespace, "http", str(code), "-", flags or "-",
             _security(reporter, source),
         )
-        self.requests.labels(*values).inc()
-        self.duration.labels(*values).observe(millis)
+        children = self._children.get(values)
+        if children is None:  # labels() validates and locks: once per label set, not per request
+            children = (self.requests.labels(*values), self.duration.labels(*values))
+            self._children[values] = children
+        children[0].inc()
+        children[1].observe(millis)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """(body, content type) negotiated from the scrape's Accept header."""

@@ -8,6 +8,8 @@ UTF-8) that rule history records. ``fail(msg, code)`` prints ``error: msg`` to s
 from __future__ import annotations
 
 import getpass
+import os
+import ssl
 import socket
 import sys
 import urllib.parse
@@ -39,7 +41,10 @@ class Api:
     def __init__(self, addr: str, token: str) -> None:
         self.addr = addr.rstrip("/")
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.Client(base_url=self.addr, headers=headers, timeout=10.0)
+        # an https MESHD_ADDR is verified against MESHD_CACERT (a PEM file) when set
+        cafile = os.environ.get("MESHD_CACERT")
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+        self.client = httpx.Client(base_url=self.addr, headers=headers, timeout=10.0, verify=verify)
 
     def set_author(self, author: str) -> None:
         """Send ``author`` as ``x-meshd-author`` on every later call."""

@@ -45,9 +45,11 @@ register_identity_commands(main)  # token, certs, ca
 @click.option("--ca-key", default="", help="private key PEM of --ca-cert")
 @click.option("--ca-bundle", default="", help="root(s) PEM to publish when --ca-cert is an intermediate")
 @click.option("--cert-ttl", default="24h", show_default=True, help="workload certificate lifetime")
+@click.option("--tls-cert", default="", help="serve the API over HTTPS with this certificate PEM")
+@click.option("--tls-key", default="", help="private key PEM of --tls-cert")
 @click.option("--log-level", default="info", show_default=True)
 def serve(listen: str, data_dir: str, serve_token: str, trust_domain: str, ca_cert: str, ca_key: str,
-          ca_bundle: str, cert_ttl: str, log_level: str) -> None:
+          ca_bundle: str, cert_ttl: str, tls_cert: str, tls_key: str, log_level: str) -> None:
     """Run the controller."""
     import trio
 
@@ -62,7 +64,10 @@ def serve(listen: str, data_dir: str, serve_token: str, trust_domain: str, ca_ce
     except ValueError as exc:
         fail(f"--cert-ttl: {exc}", 2)
     try:
-        trio.run(run, listen, data_dir, serve_token, identity)
+        if bool(tls_cert) != bool(tls_key):
+            fail("--tls-cert and --tls-key go together", 2)
+        trio.run(run, listen, data_dir, serve_token, identity,
+                 (tls_cert, tls_key) if tls_cert else None)
     except ConfigError as exc:
         fail(str(exc), 2)
     except OSError as exc:

@@ -46,8 +46,10 @@ async def _signals(cancel: trio.CancelScope, shutdown: trio.Event) -> None:
 
 
 async def run(listen: str, data_dir: str | Path, token: str = "",
-              identity_config: IdentityConfig | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. Raises ConfigError if the store or the CA cannot be opened."""
+              identity_config: IdentityConfig | None = None,
+              tls: tuple[str, str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; ``tls`` = (certificate PEM file, key PEM file) serves the API
+    over HTTPS. Raises ConfigError if the store or the CA cannot be opened."""
     store = SqliteStore(data_dir)
     cp = ControlPlane(store)
     try:
@@ -62,6 +64,8 @@ async def run(listen: str, data_dir: str | Path, token: str = "",
                     "reach %s, including rule changes and join-token creation", listen)
     config = Config()
     config.bind = [listen]
+    if tls is not None:
+        config.certfile, config.keyfile = tls
     config.graceful_timeout = GRACEFUL_TIMEOUT
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     config.accesslog = None

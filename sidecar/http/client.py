@@ -55,7 +55,7 @@ from sidecar.http.messages import buffered_body as _buffered
 from sidecar.http.parser import ParsedResponse, parse_response_head
 from sidecar.http.server import receive_head
 from sidecar.http.upstream_conn import IO_ERRORS as _IO_ERRORS
-from sidecar.http.upstream_conn import Key, ResponseBody, response_parts
+from sidecar.http.upstream_conn import Key, ResponseBody, feed, response_parts
 from sidecar.http.upstream_conn import StaleConnection as _StaleConnection
 from sidecar.http.upstream_conn import UpstreamConn as _Conn
 from sidecar.http.upstream_conn import UpstreamProtocolError as UpstreamProtocolError
@@ -195,10 +195,11 @@ class UpstreamPool:
                 )
                 raise UpstreamTimeoutError(f"{step} {conn.key[0]}:{conn.key[1]}")
             head_out, decoder, conn.keep = response_parts(head, parsed, keep)
-            body_out = ResponseBody(self, conn, decoder, lim)
-            if body_out.prefetch(rest):
+            first = feed(conn, decoder, rest) if rest else b""
+            if decoder.done:  # the whole body came with the head (the usual small response)
                 await self.checkin(conn)
-                return Response(head_out, body_out.take(), _noop)
+                return Response(head_out, first, _noop)
+            body_out = ResponseBody(self, conn, decoder, lim, first)
             return Response(head_out, body_out, body_out.aclose)
         except BaseException:
             await self.discard(conn)

@@ -77,6 +77,20 @@ class Pool(Protocol):
     async def discard(self, conn: UpstreamConn) -> None: ...
 
 
+def feed(conn: UpstreamConn, decoder: Decoder, data: bytes) -> bytes:
+    """Decode ``data`` (b"": EOF); keep what follows the body in ``conn.buf`` (then the
+    connection is not reused). Maps decoding errors: UPE, or a reset at EOF."""
+    try:
+        payload, rest = decoder.feed(data) if not decoder.done else (b"", data)
+    except RemoteProtocolError as exc:
+        cls = UpstreamProtocolError if data else UpstreamResetError
+        host, port = conn.key
+        raise reset(cls, f"response body from {host}:{port}: {exc}", True) from exc
+    if rest:
+        conn.buf += rest
+    return payload
+
+
 def response_parts(
     request: RequestHead, parsed: ParsedResponse, keep: bool
 ) -> tuple[ResponseHead, Decoder, bool]:
@@ -101,36 +115,13 @@ class ResponseBody:
 
     __slots__ = ("_chunks", "_conn", "_decoder", "_done", "_limits", "_pool")
 
-    def __init__(self, pool: Pool, conn: UpstreamConn, decoder: Decoder, limits: ClientLimits):
+    def __init__(self, pool: Pool, conn: UpstreamConn, decoder: Decoder, limits: ClientLimits, first: bytes):
         self._pool = pool
         self._conn = conn
         self._decoder = decoder
         self._limits = limits
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes] = deque((first,) if first else ())  # decoded with the head
         self._done = False
-
-    def prefetch(self, data: bytes) -> bool:
-        """Decode the bytes that came with the head; True if that completed the body."""
-        if data:
-            payload, rest = self._feed(data) if not self._decoder.done else (b"", data)
-            if payload:
-                self._chunks.append(payload)
-            if rest:
-                self._conn.buf += rest  # after the response: the connection is not reused
-        self._done = self._decoder.done
-        return self._done
-
-    def take(self) -> bytes:
-        chunks = self._chunks
-        return b"" if not chunks else chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _feed(self, data: bytes) -> tuple[bytes, bytes]:
-        try:
-            return self._decoder.feed(data)
-        except RemoteProtocolError as exc:
-            cls = UpstreamProtocolError if data else UpstreamResetError
-            host, port = self._conn.key
-            raise reset(cls, f"response body from {host}:{port}: {exc}", True) from exc
 
     def __aiter__(self) -> ResponseBody:
         return self
@@ -161,9 +152,7 @@ class ResponseBody:
                 raise conn.failure(exc, "response body from") from exc
             if scope.cancelled_caught:
                 raise conn.failure(trio.TooSlowError(), "response body from")
-            payload, rest = self._feed(data)
-            if rest:
-                conn.buf += rest
+            payload = feed(conn, decoder, data)
             if payload:
                 return payload
         return None
