@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import getpass
 import os
-import ssl
 import socket
+import ssl
 import sys
 import urllib.parse
 from typing import Any, NoReturn
