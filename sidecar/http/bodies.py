@@ -11,13 +11,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
+from sidecar.http.decoders import Decoder
 from sidecar.http.messages import Body, body_length
-
-
-class Decoder(Protocol):
-    done: bool
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes]: ...
 
 
 class Source(Protocol):

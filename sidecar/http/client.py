@@ -9,11 +9,11 @@
     else                   -> Response.body streams; the pool gets the connection back at
                               the end of the body, Response.aclose closes it if cut short
 
-Heads are serialised by ``encode_request_head`` and parsed by ``sidecar.http.parser`` (llhttp),
-which also decodes the body: Content-Length, chunked, or until EOF (then never reused). A
-connection is reused only after a complete HTTP/1.1 exchange without ``Connection: close``,
-CONNECT or Upgrade, and with no byte after the response. Sending and the wait for the head run
-under one cancel scope per exchange whose deadline moves with the step.
+Heads are serialised by ``encode_request_head`` and parsed by ``sidecar.http.parser`` (llhttp);
+``sidecar.http.decoders`` decode the body: Content-Length, chunked, or until EOF (then never
+reused). A connection is reused only after a complete HTTP/1.1 exchange without
+``Connection: close``, CONNECT or Upgrade, and with no byte after the response. Sending and the
+wait for the head run under one cancel scope per exchange whose deadline moves with the step.
 
 Errors, mapped here once from trio/parser/OSError to the meshd taxonomy:
 
@@ -194,7 +194,7 @@ class UpstreamPool:
                     "sending stalled to" if sending else f"no response head in {lim.response_timeout} s from"
                 )
                 raise UpstreamTimeoutError(f"{step} {conn.key[0]}:{conn.key[1]}")
-            head_out, decoder, conn.keep = response_parts(head, parsed, keep)
+            head_out, decoder, conn.keep = response_parts(head, parsed, keep, lim.max_headers_bytes)
             first = feed(conn, decoder, rest) if rest else b""
             if decoder.done:  # the whole body came with the head (the usual small response)
                 await self.checkin(conn)

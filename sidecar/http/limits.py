@@ -4,10 +4,11 @@ Sizes are bytes, durations are seconds. ``ServerLimits`` bundles the downstream 
 side, ``ClientLimits`` the upstream connection pool; both are frozen and validated, so a
 bad value fails at load time with a ``ConfigError`` naming the field, never mid-request.
 
-Why our own head limits: h11's ``max_incomplete_event_size`` is checked only while a head
-is incomplete, so a large head arriving in one read slips through (style-and-reliability
-§B.4). The HTTP layer therefore buffers the head itself and enforces the caps below at
-every read size, the way Envoy does.
+Why our own head limits: a parser's limit (h11's ``max_incomplete_event_size``) is typically
+checked only while a head is incomplete, so a large head arriving in one read slips through
+(style-and-reliability §B.4), and llhttp has none. The HTTP layer therefore buffers the head
+itself and enforces the caps below at every read size, the way Envoy does, before the parser
+(``sidecar.http.parser``) sees the head.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ MAX_RECV = 64 * 1024  # bytes per receive_some(); hypercorn MAX_RECV = 2**16
 
 # -- request/response heads ------------------------------------------------------------------
 MAX_REQUEST_HEADERS_BYTES = 60 * 1024  # whole head incl. request line; Envoy max_request_headers_kb
+# (the *_HEADERS_BYTES limits also cap chunk extensions and trailers read without payload)
 MAX_REQUEST_HEADERS_COUNT = 100  # Envoy max_headers_count -> 431
 MAX_RESPONSE_HEADERS_BYTES = 60 * 1024  # Envoy applies the same codec limits upstream
 MAX_RESPONSE_HEADERS_COUNT = 100  # Envoy max_headers_count

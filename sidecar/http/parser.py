@@ -1,11 +1,10 @@
-"""HTTP/1.1 wire parsing behind a small interface; the only module that imports httptools (llhttp).
+"""HTTP/1.1 head parsing behind a small interface; with ``decoders``, the only user of httptools.
 
-* ``parse_request_head(head)`` / ``parse_response_head(head)``: one complete head (start line
-  through the blank line) that already passed ``check_raw_head`` -> a ``ParsedRequest`` /
-  ``ParsedResponse`` with decoded headers and checked framing, or ``RemoteProtocolError``.
-* body decoders, sans-IO: ``LengthDecoder``, ``ChunkedDecoder`` (llhttp) and ``EOFDecoder``
-  (close-delimited responses). ``feed(data)`` returns ``(payload, rest)``: the body bytes found
-  in ``data`` and the bytes after the body's end (the next message); ``feed(b"")`` is EOF.
+``parse_request_head(head)`` / ``parse_response_head(head)`` take one complete head (start line
+through the blank line) that already passed ``check_raw_head`` and return a ``ParsedRequest`` /
+``ParsedResponse`` with decoded headers and checked framing, or raise ``RemoteProtocolError``.
+Bodies are decoded by ``sidecar.http.decoders``. Swapping the parser (back to h11, say) means
+reimplementing these two functions and ``ChunkedDecoder``.
 
 The start line is matched by the regular expressions h11 uses (one space, a token method, a
 visible-ASCII target, ``HTTP/d.d``; versions other than 1.0/1.1 get 505). llhttp then
@@ -14,11 +13,7 @@ fixed start line of ours, so methods llhttp does not know (``PURGE``-like extens
 accepted as h11 accepted them. Then the Host rules of RFC 9112 §3.2 and ``check_framing`` apply.
 When llhttp refuses a head whose lines all pass h11's header syntax (llhttp also refuses some
 framing, e.g. two codings), the later checks on a naive split pick the status h11 gave.
-
-Heads are fed alone, so llhttp never reads a body through them; a chunked body goes through a
-separate llhttp parser primed with a synthetic chunked head. Its message can only end right
-after a CRLF CRLF (strict mode: no bare LF), so data is fed up to each such candidate and the
-bytes after the end are handed back instead of being parsed as a pipelined next message.
+Heads are fed alone, so llhttp never reads a body through them.
 """
 
 from __future__ import annotations
@@ -35,8 +30,6 @@ _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\r\n]*))?\
 # llhttp parses the header section behind a start line of ours: the real one was matched above
 _REQUEST_PRELUDE = b"GET / HTTP/1.1\r\n"
 _RESPONSE_PRELUDE = b"HTTP/1.1 200 OK\r\n"
-_CHUNKED_PRELUDE = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
-_END = b"\r\n\r\n"
 _H11_FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?[ \t]*")
 _H11_LENGTH = re.compile(r"[0-9]{1,20}")
 _NAMES: dict[bytes, str] = {}  # raw header name -> lower-case str (names repeat on every message)
@@ -187,100 +180,3 @@ def parse_response_head(head: bytes) -> ParsedResponse:
     resp = ParsedResponse(status, (m[3] or b"").decode("latin-1"), version, col.headers)
     resp.length, resp.chunked = check_framing(version, col.headers)
     return resp
-
-
-class LengthDecoder:
-    """A body of ``length`` bytes (Content-Length framing)."""
-
-    __slots__ = ("done", "remaining")
-
-    def __init__(self, length: int):
-        self.remaining = length
-        self.done = length == 0
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes]:
-        if not data:
-            if self.done:
-                return b"", b""
-            raise RemoteProtocolError(f"peer closed {self.remaining} bytes before the body's end", 400)
-        left = self.remaining
-        if len(data) <= left:
-            self.remaining = left - len(data)
-            self.done = self.remaining == 0
-            return data, b""
-        self.remaining, self.done = 0, True
-        return data[:left], data[left:]
-
-
-class EOFDecoder:
-    """A close-delimited response body (no Content-Length, no chunked): ends at EOF."""
-
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = False
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes]:
-        self.done = not data
-        return data, b""
-
-
-class ChunkedDecoder:
-    """A chunked body, decoded by llhttp in strict mode (bad sizes, footers, bare LF: 400)."""
-
-    __slots__ = ("_chunks", "_parser", "_tail", "done")
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._tail = b""  # the last bytes fed, to find a CRLF CRLF across two reads
-        self.done = False
-        self._parser = httptools.HttpRequestParser(self)
-        self._parser.feed_data(_CHUNKED_PRELUDE)
-
-    def on_body(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-    def on_message_begin(self) -> None:
-        if self.done:  # never reached when data is cut at the body's end; a guard all the same
-            raise RemoteProtocolError("data after the chunked body's end", 400)
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes]:
-        if self.done:
-            return b"", data
-        if not data:
-            raise RemoteProtocolError("peer closed before the chunked body's end", 400)
-        self._chunks = chunks = []
-        view, pos = memoryview(data), 0
-        try:
-            for end in self._candidates(data):
-                self._parser.feed_data(view[pos:end])
-                pos = end
-                if self.done:
-                    break
-            else:
-                self._parser.feed_data(view[pos:])
-                pos = len(data)
-        except httptools.HttpParserError as exc:
-            raise RemoteProtocolError(f"bad chunked body: {exc}", 400) from None
-        self._tail = (self._tail + data[max(0, pos - 3) : pos])[-3:]
-        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return payload, data[pos:] if pos < len(data) else b""
-
-    def _candidates(self, data: bytes) -> list[int]:
-        """Offsets in ``data`` just after a CRLF CRLF (one may start in the previous read)."""
-        out = []
-        tail = self._tail
-        if tail:
-            joined = tail + data[:3]
-            i = joined.find(_END)
-            while i >= 0:
-                out.append(i + 4 - len(tail))
-                i = joined.find(_END, i + 1)
-        i = data.find(_END)
-        while i >= 0:
-            out.append(i + 4)
-            i = data.find(_END, i + 1)
-        return out

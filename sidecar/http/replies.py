@@ -6,7 +6,7 @@ import logging
 from http import HTTPStatus
 
 from meshd.errors import LocalProtocolError, MeshError, ProtocolError, RemoteProtocolError
-from sidecar.core.headers import Header, encode_response_head
+from sidecar.core.headers import Header, connection_tokens, encode_response_head
 from sidecar.http.messages import Response, ResponseHead
 
 log = logging.getLogger("sidecar.http.server")
@@ -43,11 +43,16 @@ def error_response(exc: Exception) -> Response:
     return simple_response(500, close=True)
 
 
-def response_length(headers: tuple[Header, ...]) -> int | None:
-    """The handler's declared Content-Length; ``LocalProtocolError`` (500) if not a number."""
+def response_framing(headers: tuple[Header, ...], status: int) -> tuple[int | None, bool]:
+    """The handler's declared Content-Length (``LocalProtocolError`` 500 if not a number; None
+    for a 204) and whether a Connection header says ``close``, in one pass."""
+    length, close = None, False
     for name, value in headers:
         if name == "content-length":
-            if not value.strip().isdigit():
-                raise LocalProtocolError(f"bad response Content-Length {value!r}", 500)
-            return int(value)
-    return None
+            if length is None and status != 204:
+                if not value.strip().isdigit():
+                    raise LocalProtocolError(f"bad response Content-Length {value!r}", 500)
+                length = int(value)
+        elif name == "connection":
+            close = close or "close" in connection_tokens(((name, value),))
+    return length, close

@@ -13,7 +13,7 @@ Per request, in a keep-alive loop::
     finish the request body    drain <= max_drain_bytes within drain_timeout, else close
 
 Rejections answer ``status + connection: close`` and close. The connection keeps one buffer:
-the head is cut from it, the body decoder (``sidecar.http.parser``) takes its bytes from it and
+the head is cut from it, the body decoder (``sidecar.http.decoders``) takes its bytes from it and
 hands back what follows the body (pipelining), so every head passes ``check_raw_head`` before
 the parser sees it. Responses are serialised by ``encode_response_head``. Timers are deadlines
 on one cancel scope per connection (cheaper than a scope per operation): idle, head, and
@@ -34,16 +34,16 @@ import trio
 from meshd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from sidecar.core.headers import (
     check_raw_head,
-    connection_tokens,
     encode_response_head,
     find_head_end,
     split_hop_by_hop,
 )
 from sidecar.http.bodies import RequestBody
+from sidecar.http.decoders import ChunkedDecoder, LengthDecoder
 from sidecar.http.limits import DEFAULT_SERVER_LIMITS, ServerLimits
 from sidecar.http.messages import Body, ConnInfo, Handler, RequestHead, Response
-from sidecar.http.parser import ChunkedDecoder, LengthDecoder, parse_request_head
-from sidecar.http.replies import PHRASES, error_response, raw_error, response_length
+from sidecar.http.parser import parse_request_head
+from sidecar.http.replies import PHRASES, error_response, raw_error, response_framing
 from sidecar.http.replies import simple_response as simple_response
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ class _Downstream:
         req = parse_request_head(raw)
         headers, tokens = split_hop_by_hop(req.headers)
         keep_alive = req.version == "1.1" and "close" not in tokens and not req.upgrade
-        decoder = ChunkedDecoder() if req.chunked else LengthDecoder(req.length or 0)
+        lim = self._limits
+        decoder = ChunkedDecoder(lim.max_headers_bytes) if req.chunked else LengthDecoder(req.length or 0)
         body = RequestBody(self, decoder, req.length, req.expect_100)
         body.prefetch(self.buf)
         head = RequestHead(req.method, req.target, headers, req.version)
@@ -164,7 +165,7 @@ class _Downstream:
         response = await self._call(head, body)
         unread = not decoder.done
         waiting_100 = body.waiting_100 and not self._sent_100
-        drainable = body.drainable(self._limits.max_drain_bytes)
+        drainable = body.drainable(lim.max_drain_bytes)
         close = not keep_alive or (unread and (waiting_100 or not drainable))
         if not await self._write(response, head, close):
             return _CLOSE
@@ -257,8 +258,8 @@ class _Downstream:
         if not 200 <= status <= 999:
             raise LocalProtocolError(f"handler returned status {status}", 500)
         no_body = method == "HEAD" or status == 204 or status == 304
-        length = None if status == 204 else response_length(head.headers)
-        is_bytes, chunked = isinstance(body, bytes | bytearray), False
+        length, close_asked = response_framing(head.headers, status)
+        is_bytes, chunked = isinstance(body, (bytes, bytearray)), False
         if no_body:
             pass
         elif is_bytes:
@@ -268,8 +269,7 @@ class _Downstream:
         elif length is None:
             chunked = request.http_version == "1.1"
             close = close or not chunked  # HTTP/1.0: the body ends at close
-        close = close or self._served >= self._limits.max_requests_per_connection
-        close = close or "close" in connection_tokens(head.headers)
+        close = close or close_asked or self._served >= self._limits.max_requests_per_connection
         reason = head.reason or PHRASES.get(status, "")
         data = encode_response_head(status, reason, head.headers, length=length, chunked=chunked, close=close)
         self._responding = True

@@ -15,10 +15,10 @@ import trio
 
 from meshd.errors import RemoteProtocolError, UpstreamResetError, UpstreamTimeoutError
 from sidecar.core.headers import split_hop_by_hop
-from sidecar.http.bodies import Decoder
+from sidecar.http.decoders import ChunkedDecoder, Decoder, EOFDecoder, LengthDecoder
 from sidecar.http.limits import ClientLimits
 from sidecar.http.messages import RequestHead, ResponseHead
-from sidecar.http.parser import ChunkedDecoder, EOFDecoder, LengthDecoder, ParsedResponse
+from sidecar.http.parser import ParsedResponse
 
 Key = tuple[str, int]
 IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -92,7 +92,7 @@ def feed(conn: UpstreamConn, decoder: Decoder, data: bytes) -> bytes:
 
 
 def response_parts(
-    request: RequestHead, parsed: ParsedResponse, keep: bool
+    request: RequestHead, parsed: ParsedResponse, keep: bool, max_framing: int
 ) -> tuple[ResponseHead, Decoder, bool]:
     """The forwarded head, the body decoder, and whether the connection may be reused after."""
     headers, tokens = split_hop_by_hop(parsed.headers)
@@ -101,7 +101,7 @@ def response_parts(
     if method == "HEAD" or status == 204 or status == 304 or (method == "CONNECT" and status < 300):
         decoder = LengthDecoder(0)
     elif parsed.chunked:
-        decoder = ChunkedDecoder()
+        decoder = ChunkedDecoder(max_framing)
     elif parsed.length is not None:
         decoder = LengthDecoder(parsed.length)
     else:

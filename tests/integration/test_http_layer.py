@@ -19,9 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import h11
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from meshd.errors import (
+    LocalProtocolError,
     NoRouteFound,
     UpstreamConnectError,
     UpstreamResetError,
@@ -166,6 +168,16 @@ SMUGGLING = [
     ("bad-chunk-footer", H + "Transfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n", 400),
     ("bad-chunk-size", H + "Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
     ("bare-lf-chunk", H + "Transfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", 400),
+    # refused by llhttp's strict chunked parser (h11 0.16 let them through)
+    ("chunk-size-space", H + "Transfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n", 400),
+    ("bare-lf-trailers-end", H + "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\n", 400),
+    ("obs-fold-trailer", H + "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nT: v\r\n c\r\n\r\n", 400),
+    (
+        "chunk-size-overflow",
+        H + "Transfer-Encoding: chunked\r\n\r\n" + "f" * 20 + "\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    ("http10-te-gzip", "POST / HTTP/1.0\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
 ]
 GOOD = b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
 
@@ -182,6 +194,33 @@ async def test_smuggling_corpus_rejected_and_closed(
     assert [r[0] for r in responses] == [200, status]
     assert responses[1][1]["connection"] == "close"
     assert echo.calls == 1  # only the good request reached the handler
+
+
+async def test_methods_unknown_to_llhttp_reach_the_handler(nursery: trio.Nursery) -> None:
+    echo = Echo()
+    port = await start_server(nursery, echo)
+    reqs = [b"%s /m HTTP/1.1\r\nHost: a\r\n\r\n" % m for m in (b"FOO", b"PROPFIND", b"get")]
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"".join(reqs) + b"GET /end HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        responses = parse_responses(await read_until_eof(stream))
+    assert [r[2] for r in responses] == [b"FOO /m ", b"PROPFIND /m ", b"get /m ", b"GET /end "]
+
+
+async def test_pipelined_after_chunked_body_byte_by_byte(nursery: trio.Nursery) -> None:
+    """The end of a chunked body is found wherever the reads end, and the next request's bytes
+    (read together with it) are served next."""
+    echo = Echo()
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(serve_http1, server, echo, INFO)
+    raw = (
+        H + "Transfer-Encoding: chunked\r\n\r\n4\r\n\r\n\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: v\r\n\r\n"
+        "GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    ).encode()
+    for i in range(len(raw)):
+        await client.send_all(raw[i : i + 1])
+        await trio.lowlevel.checkpoint()  # let the server read each byte on its own
+    responses = parse_responses(await read_until_eof(client))
+    assert [r[2] for r in responses] == [b"POST / \r\n\r\nabc", b"GET /next "]
 
 
 async def test_oversized_head_in_small_writes_gets_431(nursery: trio.Nursery) -> None:
@@ -689,3 +728,95 @@ async def test_proxy_chain_downstream_pool_upstream(nursery: trio.Nursery) -> No
         status, _, body = await h11_request(stream, "GET", "/big")
         assert (status, body == expected_pattern(5 * MiB)) == (200, True)
     assert pool.statistics().opened == 1
+
+
+async def serve_script(nursery: trio.Nursery, replies: list[bytes], *, trickle: bool = False) -> int:
+    """A raw upstream: answers the requests of one connection with ``replies`` in order (a reply
+    ending in ``<EOF>`` closes), ``trickle``: one byte at a time."""
+
+    async def script(stream: trio.SocketStream) -> None:
+        for reply in replies:
+            if not await read_head(stream):
+                return
+            data = reply.removesuffix(b"<EOF>")
+            for i in range(0, len(data), 1 if trickle else len(data) or 1):
+                await stream.send_all(data[i : i + 1] if trickle else data)
+                await trio.sleep(0.001 if trickle else 0)
+            if reply.endswith(b"<EOF>"):
+                await stream.aclose()
+                return
+        await trio.sleep(1)
+
+    return await start_raw(nursery, script)
+
+
+async def test_pool_chunked_response_in_one_byte_writes_then_reuse(nursery: trio.Nursery) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\n\r\n\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    port = await serve_script(nursery, [chunked, b"HTTP/1.1 204 No Content\r\n\r\n"], trickle=True)
+    pool = UpstreamPool()
+    resp = await pool.request("127.0.0.1", port, get())
+    assert ("transfer-encoding", "chunked") not in resp.head.headers
+    assert await body_of(resp) == b"\r\n\r\nabc"
+    assert (await pool.request("127.0.0.1", port, get())).head.status == 204
+    assert (pool.statistics().opened, pool.statistics().reused) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\n\r\nuntil EOF<EOF>",
+        b"HTTP/1.0 200 OK\r\ncontent-length: 9\r\n\r\nuntil EOF",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\nconnection: close\r\n\r\nuntil EOF",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nuntil EOFHTTP/1.1 200 OK",
+    ],
+    ids=["close-delimited", "http10", "connection-close", "bytes-after-response"],
+)
+async def test_pool_does_not_reuse_after(nursery: trio.Nursery, reply: bytes) -> None:
+    pool = UpstreamPool()
+    resp = await pool.request("127.0.0.1", await serve_script(nursery, [reply]), get())
+    assert await body_of(resp) == b"until EOF"
+    assert (pool.statistics().idle, pool.statistics().active) == ({}, 0)
+
+
+async def test_pool_skips_1xx_and_reads_no_body_after_head(nursery: trio.Nursery) -> None:
+    replies = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",  # to HEAD: no body follows
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </s>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+    ]
+    port = await serve_script(nursery, replies)
+    pool = UpstreamPool()
+    resp = await pool.request("127.0.0.1", port, RequestHead("HEAD", "/", (("host", "up"),)))
+    assert (resp.head.status, resp.head.header("content-length"), await body_of(resp)) == (200, "5", b"")
+    resp = await pool.request("127.0.0.1", port, get())
+    assert (resp.head.status, await body_of(resp)) == (201, b"ok")
+    assert (pool.statistics().opened, pool.statistics().reused) == (1, 1)
+
+
+async def test_pool_streamed_body_must_match_its_length(nursery: trio.Nursery) -> None:
+    """A streamed body shorter or longer than the Content-Length sent upstream is our bug: the
+    request fails with 500 and the connection (whose framing is now wrong) is closed."""
+
+    class Sized:
+        def __init__(self, chunks: list[bytes], length: int):
+            self.expected_length = length
+            self._chunks = iter(chunks)
+
+        def __aiter__(self) -> Sized:
+            return self
+
+        async def __anext__(self) -> bytes:
+            for chunk in self._chunks:
+                return chunk
+            raise StopAsyncIteration
+
+    port = await start_server(nursery, Echo())
+    pool = UpstreamPool()
+    put = RequestHead("PUT", "/", (("host", "up"),))
+    for chunks in ([b"ab"], [b"ab", b"cdefgh"]):
+        with pytest.raises(LocalProtocolError) as info:
+            await pool.request("127.0.0.1", port, put, Sized(chunks, 4))
+        assert info.value.status_hint == 500
+        assert (pool.statistics().idle, pool.statistics().active) == ({}, 0)
+    resp = await pool.request("127.0.0.1", port, put, Sized([b"ab", b"cd"], 4))
+    assert await body_of(resp) == b"PUT / abcd"

@@ -1,8 +1,10 @@
-"""Pure tests of sidecar.core.headers: raw-head checks, framing checks, hop-by-hop stripping."""
+"""Pure tests of sidecar.core.headers (raw-head checks, framing checks, hop-by-hop stripping,
+head serialisation) and of sidecar.http.parser / decoders (llhttp in strict mode)."""
 
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import pytest
@@ -18,10 +20,14 @@ from sidecar.core.headers import (
     connection_tokens,
     declared_length,
     decode_headers,
+    encode_request_head,
     encode_response_head,
     find_head_end,
+    split_hop_by_hop,
     strip_hop_by_hop,
 )
+from sidecar.http.decoders import ChunkedDecoder, EOFDecoder, LengthDecoder
+from sidecar.http.parser import parse_request_head, parse_response_head
 
 LIMITS = {"max_bytes": 60 * 1024, "max_count": 100}
 
@@ -91,7 +97,9 @@ FRAMING_CASES = [
 )
 def test_check_framing(name: str, version: str, headers: list[tuple[str, str]], status: int | None) -> None:
     if status is None:
-        check_framing(version, headers)
+        length, chunked = check_framing(version, headers)
+        assert chunked == any(n == "transfer-encoding" for n, _ in headers)
+        assert length == next((int(v) for n, v in headers if n == "content-length"), None)
         return
     with pytest.raises(RemoteProtocolError) as info:
         check_framing(version, headers)
@@ -199,6 +207,7 @@ def test_strip_never_leaves_hop_by_hop_and_keeps_order(items: list[tuple[str, st
     assert not any(name in drop for name, _ in out)
     assert list(out) == [item for item in items if item[0] not in drop]
     assert strip_hop_by_hop(out) == out
+    assert split_hop_by_hop(items) == (out, connection_tokens(items))
 
 
 @given(st.binary(max_size=300))
@@ -222,3 +231,231 @@ def test_module_is_pure() -> None:
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
     }
     assert not imported & {"trio", "socket", "ssl", "h11"}
+
+
+# -- encode_request_head ---------------------------------------------------------------------
+
+
+def _request(headers: list[tuple[str, str]], **kw: object) -> tuple[bytes, int | None]:
+    opts: dict = {"default_host": "svc:8080", "length": 0, "body_method": False, **kw}
+    return encode_request_head("GET", "/a?b=1", headers, **opts)
+
+
+def test_encode_request_head_framing_and_host() -> None:
+    assert _request([("x-a", "1")]) == (b"GET /a?b=1 HTTP/1.1\r\nhost: svc:8080\r\nx-a: 1\r\n\r\n", 0)
+    head, length = _request([("host", "h"), ("content-length", "9"), ("transfer-encoding", "gzip")], length=3)
+    assert (head, length) == (b"GET /a?b=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\n\r\n", 3)
+    assert _request([("host", "h")], body_method=True)[0].endswith(b"content-length: 0\r\n\r\n")
+    assert _request([("host", "h"), ("content-length", "0")])[0].endswith(b"content-length: 0\r\n\r\n")
+    assert _request([("host", "h"), ("content-length", " 7 ")], length=None) == (
+        b"GET /a?b=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 7\r\n\r\n",
+        7,
+    )
+    assert _request([("host", "h"), ("content-length", "x")], length=None) == (
+        b"GET /a?b=1 HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers"),
+    [
+        ("GET", "/", [("x-a", "b\r\nx-injected: 1")]),
+        ("GET", "/", [("x-a", "b\nc")]),
+        ("GET", "/", [("x-a", "b\x00c")]),
+        ("GET", "/", [("x a", "b")]),
+        ("GET", "/", [("x-a", "\u20ac")]),
+        ("GET", "/a b", []),
+        ("GET", "/a\r\nx-injected: 1", []),
+        ("GET", "", []),
+        ("G T", "/", []),
+        ("GET /x HTTP/1.1\r\n", "/", []),
+    ],
+)
+def test_encode_request_head_refuses_smuggling(method: str, target: str, headers: list) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_request_head(method, target, headers, default_host="h", length=0, body_method=False)
+    assert info.value.status_hint == 500
+
+
+# -- sidecar.http.parser: heads ----------------------------------------------------------------
+
+
+def test_parse_request_head() -> None:
+    req = parse_request_head(
+        head("Host: a", "X-Sp:  v \t", "X-Empty:", "Expect: 100-Continue", start="PUT /u HTTP/1.1")
+    )
+    assert (req.method, req.target, req.version) == ("PUT", "/u", "1.1")
+    assert req.headers == [("host", "a"), ("x-sp", "v"), ("x-empty", ""), ("expect", "100-Continue")]
+    assert (req.length, req.chunked, req.expect_100, req.upgrade) == (0, False, True, False)
+    chunked = parse_request_head(head("Host: a", "Transfer-Encoding: Chunked", "Upgrade: ws"))
+    assert (chunked.length, chunked.chunked, chunked.upgrade) == (None, True, True)
+    assert parse_request_head(head("Content-Length: 12", start="POST / HTTP/1.0")).length == 12
+    # methods llhttp does not know pass, as they did with h11 (the start line is ours to check)
+    assert parse_request_head(head("Host: a", start="FOO /x HTTP/1.1")).method == "FOO"
+    assert parse_request_head(head("Host: a", start="CONNECT a:443 HTTP/1.1")).upgrade
+
+
+REQUEST_REFUSALS = [
+    ("two spaces", head("Host: a", start="GET  / HTTP/1.1"), 400),
+    ("no version", head("Host: a", start="GET /"), 400),
+    ("lower-case version", head("Host: a", start="GET / http/1.1"), 400),
+    ("obs-text target", head("Host: a", start="GET /caf\xe9 HTTP/1.1"), 400),
+    ("HTTP/2.0", head("Host: a", start="GET / HTTP/2.0"), 505),
+    ("HTTP/1.2", head("Host: a", start="GET / HTTP/1.2"), 505),
+    ("space before colon", head("Host: a", "X-A : b"), 400),
+    ("empty name", head("Host: a", ": b"), 400),
+    ("no colon", head("Host: a", "Foo"), 400),
+    ("non-token name", head("Host: a", "X(: b"), 400),
+    ("missing host", head("X: b"), 400),
+    ("two hosts", head("Host: a", "Host: b"), 400),
+    ("CL + TE", head("Host: a", "Content-Length: 3", "Transfer-Encoding: chunked"), 400),
+    ("TE + CL", head("Host: a", "Transfer-Encoding: chunked", "Content-Length: 3"), 400),
+    ("CL plus", head("Host: a", "Content-Length: +3"), 400),
+    ("CL overflow", head("Host: a", "Content-Length: 99999999999999999999"), 400),
+    ("TE gzip", head("Host: a", "Transfer-Encoding: gzip"), 501),
+    ("TE chunked, identity", head("Host: a", "Transfer-Encoding: chunked, identity"), 501),
+    ("TE twice", head("Host: a", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"), 501),
+    ("TE on HTTP/1.0", head("Transfer-Encoding: chunked", start="POST / HTTP/1.0"), 400),
+    ("TE gzip on HTTP/1.0", head("Transfer-Encoding: gzip", start="POST / HTTP/1.0"), 501),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "status"), REQUEST_REFUSALS, ids=[c[0] for c in REQUEST_REFUSALS])
+def test_parse_request_head_refusals(name: str, raw: bytes, status: int) -> None:
+    check_raw_head(raw, **LIMITS)  # what the raw checks let through, the parser refuses
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_request_head(raw)
+    assert info.value.status_hint == status
+
+
+def test_parse_response_head() -> None:
+    resp = parse_response_head(head("Content-Length: 5", "X: caf\xe9 ", start="HTTP/1.1 404 Not Found"))
+    assert (resp.status, resp.reason, resp.version, resp.length, resp.chunked) == (
+        404,
+        "Not Found",
+        "1.1",
+        5,
+        False,
+    )
+    assert resp.headers == [("content-length", "5"), ("x", "caf\u00e9")]
+    assert parse_response_head(head(start="HTTP/1.0 200")).reason == ""
+    assert parse_response_head(head("Transfer-Encoding: chunked", start="HTTP/1.1 200 OK")).chunked
+    assert parse_response_head(head(start="HTTP/1.1 100 Continue")).status == 100
+    for start in ("HTTP/1.1 099 Low", "HTTP/1.1 2000 OK", "SSH-2.0-OpenSSH_9.6", "HTTP/2.0 200 OK"):
+        with pytest.raises(RemoteProtocolError):
+            parse_response_head(head(start=start))
+    with pytest.raises(RemoteProtocolError):
+        parse_response_head(head("Bad Header", start="HTTP/1.1 200 OK"))
+
+
+@given(st.binary(max_size=200))
+def test_parsers_only_raise_protocol_errors(junk: bytes) -> None:
+    for parse, start in ((parse_request_head, b"GET / HTTP/1.1"), (parse_response_head, b"HTTP/1.1 200 OK")):
+        raw = start + b"\r\nHost: a\r\n" + junk + b"\r\n\r\n"
+        try:
+            check_raw_head(raw, max_bytes=1024, max_count=20)
+            parsed = parse(raw)
+        except RemoteProtocolError:
+            continue
+        assert len(parsed.headers) == raw.count(b"\r\n") - 2  # every header line became one field
+
+
+# -- sidecar.http.parser: bodies ---------------------------------------------------------------
+
+NEXT = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def _decode_in_pieces(body: bytes, cut: list[int]) -> tuple[bytes, bytes]:
+    """Feed ``body`` cut at the offsets ``cut``; the payload and what came after the body."""
+    decoder, payload, rest = ChunkedDecoder(), b"", b""
+    bounds = [0, *cut, len(body)]
+    for a, b in itertools.pairwise(bounds):
+        if a == b:
+            continue  # b"" would mean EOF
+        if decoder.done:
+            rest += body[a:b]
+            continue
+        got, after = decoder.feed(body[a:b])
+        payload, rest = payload + got, rest + after
+    assert decoder.done
+    return payload, rest
+
+
+@pytest.mark.parametrize(
+    ("body", "payload"),
+    [
+        (b"3\r\nabc\r\n0\r\n\r\n", b"abc"),
+        (b"4\r\n\r\n\r\n\r\nA\r\n" + b"\r\n" * 5 + b"\r\n0\r\n\r\n", b"\r\n\r\n" + b"\r\n" * 5),
+        (b"3;ext=1\r\nabc\r\n0;last\r\nTrailer: v\r\nT2: w\r\n\r\n", b"abc"),
+        (b"a\r\n0123456789\r\nA\r\n0123456789\r\n0\r\n\r\n", b"0123456789" * 2),
+        (b"0\r\n\r\n", b""),
+    ],
+)
+def test_chunked_decoder_finds_the_end_at_any_split(body: bytes, payload: bytes) -> None:
+    """The bytes after the body (a pipelined request) come back untouched, wherever reads end;
+    a CRLF CRLF inside chunk data does not end the body."""
+    data = body + NEXT
+    for i in range(len(data) + 1):
+        assert _decode_in_pieces(data, [i]) == (payload, NEXT)
+    assert _decode_in_pieces(data, list(range(1, len(data)))) == (payload, NEXT)
+
+
+CHUNKED_REFUSALS = [
+    ("bad footer (CVE-2025-43859)", b"3\r\nabcXX0\r\n\r\n"),
+    ("data longer than size", b"3\r\nabcd\r\n0\r\n\r\n"),
+    ("bare LF after size", b"3\nabc\r\n0\r\n\r\n"),
+    ("bare LF after data", b"3\r\nabc\n0\r\n\r\n"),
+    ("bare CR after data", b"3\r\nabc\r0\r\n\r\n"),
+    ("bare LF ends trailers", b"3\r\nabc\r\n0\r\n\n"),
+    ("space after size", b"3 \r\nabc\r\n0\r\n\r\n"),
+    ("hex prefix", b"0x3\r\nabc\r\n0\r\n\r\n"),
+    ("negative size", b"-3\r\nabc\r\n0\r\n\r\n"),
+    ("not hex", b"zz\r\nabc\r\n0\r\n\r\n"),
+    ("size overflow", b"ffffffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
+    ("obs-fold in trailers", b"0\r\nT: v\r\n folded\r\n\r\n"),
+    ("space before trailer colon", b"0\r\nT : v\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize(("name", "body"), CHUNKED_REFUSALS, ids=[c[0] for c in CHUNKED_REFUSALS])
+def test_chunked_decoder_is_strict(name: str, body: bytes) -> None:
+    """llhttp runs without leniencies: each of these is a 400, whole or byte by byte."""
+    for pieces in ([body], [body[i : i + 1] for i in range(len(body))]):
+        decoder = ChunkedDecoder()
+        with pytest.raises(RemoteProtocolError) as info:
+            for piece in pieces:
+                decoder.feed(piece)
+            decoder.feed(b"")  # EOF: an unfinished body is an error too
+        assert info.value.status_hint == 400
+
+
+def test_chunked_decoder_bounds_extensions_and_trailers() -> None:
+    """Bytes that carry no payload (chunk extensions, trailers) are capped, as h11 capped them."""
+    for framing in (b"1;" + b"e" * 5000, b"1\r\nx\r\n0\r\nT: " + b"v" * 5000):
+        decoder = ChunkedDecoder(max_framing=4096)
+        with pytest.raises(RemoteProtocolError):
+            for i in range(0, len(framing), 512):
+                decoder.feed(framing[i : i + 512])
+    decoder = ChunkedDecoder(max_framing=4096)  # payload resets the count
+    for _ in range(100):
+        assert decoder.feed(b"1;" + b"e" * 1000 + b"\r\nx\r\n") == (b"x", b"")
+
+
+def test_length_and_eof_decoders() -> None:
+    decoder = LengthDecoder(5)
+    assert decoder.feed(b"abc") == (b"abc", b"") and not decoder.done
+    assert decoder.feed(b"deNEXT") == (b"de", b"NEXT") and decoder.done
+    assert decoder.feed(b"more") == (b"", b"more")
+    short = LengthDecoder(5)
+    short.feed(b"ab")
+    with pytest.raises(RemoteProtocolError):
+        short.feed(b"")  # EOF before the end
+    assert LengthDecoder(0).done
+    eof = EOFDecoder()
+    assert eof.feed(b"abc") == (b"abc", b"") and not eof.done
+    assert eof.feed(b"") == (b"", b"") and eof.done
+    chunked = ChunkedDecoder()
+    chunked.feed(b"3\r\nab")
+    with pytest.raises(RemoteProtocolError):
+        chunked.feed(b"")
