@@ -292,6 +292,11 @@ class Authorizer:
         self._dry = tuple(p for p in compiled if p.dry_run and p.action != "AUDIT")
         self._dry_allow = any(p.action == "ALLOW" for p in self._dry)
 
+    @property
+    def empty(self) -> bool:
+        """No policy applies: every request is allowed (callers may skip building a request)."""
+        return not (self._audit or self._deny or self._allow or self._dry)
+
     def decide(self, req: AuthzRequest) -> Decision:
         ctx = _Ctx(req)
         audited = tuple(p.name for p in self._audit if p.match(ctx))

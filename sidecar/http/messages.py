@@ -1,9 +1,9 @@
 """The HTTP message shapes shared by the listener, the router and the upstream pool.
 
-Heads are frozen dataclasses (h11/hypercorn style): lower-case ``str`` header names,
+Heads are frozen dataclasses (hypercorn style): lower-case ``str`` header names,
 latin-1 decoded values, order kept, hop-by-hop fields already removed. Bodies are never
 buffered whole: a ``Body`` is an async iterator of chunks (bytes-like; the server hands out
-h11's ``bytearray`` chunks without copying, treat them as read-only).
+the parser's chunks without copying, treat them as read-only).
 
 Optional body attributes (a convention between ``server`` and ``client``, read with
 ``body_length`` / ``buffered_body``): ``expected_length: int | None`` is the number of bytes

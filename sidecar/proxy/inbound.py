@@ -75,11 +75,14 @@ class Inbound:
     def _authorize(self, head: RequestHead, info: ConnInfo) -> Response | None:
         """Istio AuthorizationPolicy on the caller's SPIFFE ID (mTLS), IP, method, path, port,
         headers: None to go on, else the 403 reply. Audits and dry-run denials are logged."""
+        authorizer = self._authorizer()
+        if authorizer.empty:
+            return None
         req = AuthzRequest(principal=info.principal, source_ip=info.peer[0] if info.peer else "",
                            method=head.method, path=head.path,
                            port=info.local[1] if info.local else self.boot.inbound_port,
                            headers=dict(head.headers))
-        decision = self._authorizer().decide(req)
+        decision = authorizer.decide(req)
         for name in decision.audited:
             log.info("AUDIT policy %s: %s %s from %s", name, head.method, head.path, req.principal)
         for name in decision.dry_run_denials:
