@@ -97,14 +97,21 @@ class UpstreamPool:
         body: Body | bytes = b"",
         *,
         connect_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        max_age: float | None = None,
     ) -> Response:
-        """Send ``head`` + ``body`` to ``host:port``; the response streams (see module doc)."""
+        """Send ``head`` + ``body`` to ``host:port``; the response streams (see module doc).
+
+        Per-call overrides (seconds, from the destination's connection pool policy):
+        ``connect_timeout``; ``idle_timeout`` (a pooled connection idle longer is not reused;
+        the pool's own limit applies when shorter); ``max_age`` (Envoy
+        max_connection_duration: a pooled connection older than this is closed, not reused)."""
         if self._closed:
             raise UpstreamConnectError("upstream pool is closed")
         key = (host, port)
         buffered = _buffered(body)
         body = body if buffered is None else buffered
-        conn = await self._checkout(key)
+        conn = await self._checkout(key, idle_timeout, max_age)
         recorder = None
         if conn is not None:
             if not isinstance(body, bytes | bytearray):
@@ -136,14 +143,16 @@ class UpstreamPool:
         for conn in idle:
             await trio.aclose_forcefully(conn.stream)
 
-    async def _checkout(self, key: Key) -> _Conn | None:
+    async def _checkout(self, key: Key, idle_timeout: float | None = None,
+                        max_age: float | None = None) -> _Conn | None:
         now = trio.current_time()
         if now >= self._next_reap:
             await self._reap(now)
+        idle = min(idle_timeout or self._limits.idle_timeout, self._limits.idle_timeout)
         stack = self._idle.get(key)
         while stack:
             conn = stack.pop()
-            if now - conn.idle_since < self._limits.idle_timeout:
+            if now - conn.idle_since < idle and (max_age is None or now - conn.opened_at < max_age):
                 self._active += 1
                 self._reused += 1
                 conn.out = conn.reused = True
@@ -175,6 +184,7 @@ class UpstreamPool:
         self._opened += 1
         self._active += 1
         conn = _Conn(key, stream)
+        conn.opened_at = trio.current_time()
         conn.out = True
         return conn
 

@@ -46,7 +46,8 @@ class StaleConnection(Exception):
 
 
 class UpstreamConn:
-    __slots__ = ("buf", "got_bytes", "host", "idle_since", "keep", "key", "out", "reused", "scope", "stream")
+    __slots__ = ("buf", "got_bytes", "host", "idle_since", "keep", "key", "opened_at", "out",
+                 "reused", "scope", "stream")
 
     def __init__(self, key: Key, stream: trio.abc.Stream):
         self.key = key
@@ -56,6 +57,7 @@ class UpstreamConn:
         self.host = name if port == 80 else f"{name}:{port}"  # Host when the request has none
         self.buf = bytearray()  # received bytes not consumed yet (none when reusable)
         self.idle_since = 0.0
+        self.opened_at = 0.0  # trio time the connection was made (max connection duration)
         self.keep = False  # the current exchange allows reuse
         self.reused = False  # taken from the idle pool for the current exchange
         self.got_bytes = False  # a response byte arrived in the current exchange

@@ -151,8 +151,10 @@ class Forwarder:
         per_try = policy.per_try_timeout or float("inf")
         try:
             with trio.move_on_after(per_try) as scope:
+                c = rt.cluster
                 attempt.response = await self.pool.request(
-                    ep.address, ep.port, head, body, connect_timeout=rt.cluster.connect_timeout)
+                    ep.address, ep.port, head, body, connect_timeout=c.connect_timeout,
+                    idle_timeout=c.idle_timeout, max_age=c.max_connection_duration)
             if scope.cancelled_caught:
                 attempt.failure, attempt.error = "timeout", UpstreamTimeoutError(
                     f"{_name(ep)}: no response within per_try_timeout {per_try:g} s")

@@ -546,6 +546,21 @@ async def test_pool_reuses_one_connection(nursery: trio.Nursery) -> None:
     assert pool.statistics().idle == {}
 
 
+async def test_pool_max_age_and_idle_timeout_per_call(nursery: trio.Nursery) -> None:
+    port = await start_server(nursery, Echo())
+    pool = UpstreamPool()
+    await body_of(await pool.request("127.0.0.1", port, get("/a"), max_age=0.2))
+    await body_of(await pool.request("127.0.0.1", port, get("/b"), max_age=0.2))
+    assert pool.statistics().opened == 1  # young enough: reused
+    await trio.sleep(0.25)
+    await body_of(await pool.request("127.0.0.1", port, get("/c"), max_age=0.2))
+    assert pool.statistics().opened == 2  # older than max_age: closed, a new one opened
+    await trio.sleep(0.15)
+    await body_of(await pool.request("127.0.0.1", port, get("/d"), idle_timeout=0.1))
+    assert pool.statistics().opened == 3  # idle longer than the per-call idle timeout
+    await pool.aclose()
+
+
 async def test_pool_connect_refused_and_timeout() -> None:
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", 0))
