@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from meshd.demo.harness import MeshHarness, Sidecar, free_port, wait_until
+from meshd.demo.harness import MeshHarness, Sidecar, free_port, stop_processes, wait_until
 
 HERE = Path(__file__).resolve().parent
 STOP_GRACE = 3.0     # seconds between SIGTERM and SIGKILL
@@ -82,16 +80,7 @@ class Procs:
 
     def close(self) -> None:
         """SIGTERM every process still running, SIGKILL those left after ``STOP_GRACE``."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, STOP_GRACE)
         self.procs.clear()
 
 

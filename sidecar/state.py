@@ -2,9 +2,9 @@
 
 ``prepare(snapshot)`` validates a snapshot the way Envoy validates an xDS update before
 accepting it (consistency + every regex compiles) and builds the router; it raises
-``ConfigError`` so the caller can NACK and keep the previous ``Applied``. Load balancers live
-outside the snapshot (``Balancers``) so round-robin position and in-flight counts survive
-snapshot swaps, keyed by cluster name.
+``ConfigError`` so the caller can NACK and keep the previous ``Applied``. Load-balancer,
+breaker and outlier state lives outside the snapshot (``sidecar.proxy.clusters``), keyed by
+cluster name, so it survives snapshot swaps.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from meshd.errors import ConfigError
 from meshd.snapshot.consistency import consistency_errors
 from meshd.snapshot.model import Cluster, Endpoint, Snapshot
-from sidecar.core.balancer import Balancer
 from sidecar.core.router import Router
 
 
@@ -48,25 +47,11 @@ def prepare(snapshot: Snapshot, source: str) -> Applied:
     )
 
 
-class Balancers:
-    """One ``Balancer`` per cluster name; recreated only when the cluster's policy changes."""
-
-    def __init__(self) -> None:
-        self._by_cluster: dict[str, Balancer] = {}
-
-    def get(self, cluster: str, policy: str) -> Balancer:
-        b = self._by_cluster.get(cluster)
-        if b is None or b.policy != policy:
-            b = self._by_cluster[cluster] = Balancer(policy)
-        return b
-
-
 class State:
     """Holder of the current ``Applied`` (None until the first snapshot or disk cache)."""
 
     def __init__(self) -> None:
         self.applied: Applied | None = None
-        self.balancers = Balancers()
 
     def swap(self, applied: Applied) -> None:
         self.applied = applied

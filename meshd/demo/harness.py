@@ -47,6 +47,20 @@ def free_port() -> int:
     raise OSError("no free port below the ephemeral range")
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = STOP_GRACE) -> None:
+    """SIGTERM every process still running, SIGKILL those left after ``grace`` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, period: float = 0.05) -> float:
     """Poll ``check`` until true; returns seconds waited; raises TimeoutError naming ``what``."""
     start = time.monotonic()
@@ -204,6 +218,21 @@ class MeshHarness:
     def api(self, method: str, path: str, **kw: object) -> httpx.Response:
         return self.http.request(method, f"{self.meshd_addr}{path}", **kw)  # type: ignore[arg-type]
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the ``meshd`` CLI against this mesh's controller."""
+        return subprocess.run([sys.executable, "-m", "meshd.cli.main", "--addr", self.meshd_addr,
+                               *args], capture_output=True, text=True, timeout=30)
+
+    def push_rules(self, text: str, name: str = "") -> subprocess.CompletedProcess[str]:
+        """``meshd rule push`` of ``text`` (written to the work dir as ``name``), then wait until
+        every sidecar is SYNCED; AssertionError with the CLI's output if the push is refused."""
+        path = self.workdir / (name or f"rules-{time.monotonic_ns()}.toml")
+        path.write_text(text)
+        out = self.cli("rule", "push", str(path))
+        assert out.returncode == 0, out.stdout + out.stderr
+        self.wait_synced()
+        return out
+
     def proxy_status(self) -> list[dict[str, object]]:
         return list(self.api("GET", "/v1/proxy-status").json()["proxies"])
 
@@ -216,14 +245,5 @@ class MeshHarness:
         return wait_until(lambda: self.synced(names), timeout, "all sidecars SYNCED")
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
         self.http.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -88,9 +87,8 @@ class Step:
 
 
 def cli(mesh: MeshHarness, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "meshd.cli.main", "--addr", mesh.meshd_addr, *args]
     print(f"   $ meshd {' '.join(args)}", flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    out = mesh.cli(*args)
     for line in (out.stdout + out.stderr).strip().splitlines():
         print(f"     {line}", flush=True)
     return out

@@ -133,3 +133,33 @@ def buffered_body(body: Body | bytes) -> bytes | None:
         return bytes(body) if isinstance(body, memoryview) else body  # type: ignore[return-value]
     data = getattr(body, "buffered", None)
     return data if isinstance(data, bytes | bytearray) else None
+
+
+def on_close(resp: Response, callback: Callable[[], None]) -> Response:
+    """Wrap ``resp.aclose`` so ``callback()`` runs exactly once when the exchange ends, whether
+    the body was read to the end or the exchange was aborted; returns ``resp``."""
+    inner = resp.aclose
+    fired = False
+
+    async def aclose() -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            callback()
+        if inner is not None:
+            await inner()
+
+    resp.aclose = aclose
+    return resp
+
+
+async def drain(resp: Response) -> None:
+    """Read the body to its end and drop it, then close the exchange (releases the upstream
+    connection to its pool). Upstream errors while reading propagate."""
+    try:
+        if not isinstance(resp.body, bytes | bytearray | memoryview):
+            async for _ in resp.body:
+                pass
+    finally:
+        if resp.aclose is not None:
+            await resp.aclose()

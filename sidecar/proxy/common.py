@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from meshd.errors import MeshError
 from sidecar.bootstrap import Bootstrap
-from sidecar.http.messages import Response, ResponseHead
+from sidecar.http.messages import Response, ResponseHead, on_close
 from sidecar.metrics import UNKNOWN, Peer
 
 PEER_HEADER = "x-meshd-peer"
@@ -50,18 +50,6 @@ def error_response(exc: MeshError) -> Response:
 
 
 def observed(resp: Response, record: Callable[[int], None]) -> Response:
-    """Wrap ``resp.aclose`` so ``record(status)`` runs exactly once when the exchange ends."""
-    inner = resp.aclose
+    """``record(status)`` exactly once when the exchange ends (metrics)."""
     status = resp.head.status
-    done = False
-
-    async def aclose() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            record(status)
-        if inner is not None:
-            await inner()
-
-    resp.aclose = aclose
-    return resp
+    return on_close(resp, lambda: record(status))

@@ -34,7 +34,7 @@ from meshd.snapshot.model import Endpoint, RetryPolicy
 from sidecar.core.balancer import Key, key
 from sidecar.core.retry import Failure, backoff, may_retry_request, retriable
 from sidecar.http.client import UpstreamPool
-from sidecar.http.messages import Body, RequestHead, Response
+from sidecar.http.messages import Body, RequestHead, Response, on_close
 from sidecar.proxy.clusters import ClusterRuntime
 
 DEFAULT_ROUTE_TIMEOUT = 15.0  # seconds; Envoy route timeout default
@@ -119,7 +119,7 @@ class Forwarder:
         if attempt.response is None or attempt.failure is not None:
             self._done(rt, ep)
         else:
-            attempt.response = _on_close(attempt.response, lambda: self._done(rt, ep))
+            attempt.response = on_close(attempt.response, lambda: self._done(rt, ep))
         return attempt
 
     async def _admit(self, rt: ClusterRuntime) -> None:
@@ -195,22 +195,6 @@ def _outcome(last: Attempt) -> tuple[Response, Endpoint]:
     if last.response is not None and last.failure is None:
         return last.response, last.endpoint  # type: ignore[return-value]
     raise last.error or NoHealthyUpstream("no endpoint answered")
-
-
-def _on_close(resp: Response, done: object) -> Response:
-    inner = resp.aclose
-    fired = False
-
-    async def aclose() -> None:
-        nonlocal fired
-        if not fired:
-            fired = True
-            done()  # type: ignore[operator]
-        if inner is not None:
-            await inner()
-
-    resp.aclose = aclose
-    return resp
 
 
 async def _discard(resp: Response) -> None:

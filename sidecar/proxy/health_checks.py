@@ -21,7 +21,7 @@ from meshd.snapshot.model import Endpoint, HealthCheck
 from sidecar.core.balancer import key
 from sidecar.core.health import next_check_delay
 from sidecar.http.client import UpstreamPool
-from sidecar.http.messages import RequestHead
+from sidecar.http.messages import RequestHead, drain
 from sidecar.proxy.clusters import ClusterRuntime, ClusterRuntimes
 
 log = logging.getLogger("sidecar.health")
@@ -39,13 +39,7 @@ async def _probe(pool: UpstreamPool, rt: ClusterRuntime, ep: Endpoint, hc: Healt
             head = RequestHead("GET", hc.path, (("host", rt.cluster.host),
                                                 ("user-agent", USER_AGENT)))
             resp = await pool.request(ep.address, ep.port, head)
-            try:
-                if not isinstance(resp.body, bytes):
-                    async for _ in resp.body:
-                        pass
-            finally:
-                if resp.aclose is not None:
-                    await resp.aclose()
+            await drain(resp)
             return 200 <= resp.head.status < 300
         except (MeshError, OSError, trio.BrokenResourceError):
             return False

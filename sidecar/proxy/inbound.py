@@ -98,10 +98,14 @@ class Inbound:
         return local_reply(403, "RBAC: access denied", "RBAC",
                            extra=(("x-meshd-denied-by", policy),))
 
+    def _me(self) -> Peer:
+        """This workload as metrics see it; the principal follows the current certificate."""
+        creds = self.agent.current if self.agent is not None else None
+        if creds is not None and creds.spiffe_id != self.me.principal:
+            self.me = dataclasses.replace(self.me, principal=creds.spiffe_id)
+        return self.me
+
     def _observe(self, source: Peer, code: int, flags: str, start: float) -> None:
-        me = self.me
-        if self.agent is not None and self.agent.current is not None:
-            me = dataclasses.replace(me, principal=self.agent.current.spiffe_id)
-        self.metrics.observe(reporter="destination", source=source, destination=me,
+        self.metrics.observe(reporter="destination", source=source, destination=self._me(),
                              service=self.boot.service, code=code, flags=flags,
                              millis=(time.perf_counter() - start) * 1000)

@@ -15,7 +15,7 @@ import trio
 
 from meshd.errors import MeshError
 from sidecar.http.client import UpstreamPool
-from sidecar.http.messages import RequestHead
+from sidecar.http.messages import RequestHead, drain
 from sidecar.proxy.clusters import ClusterRuntimes
 
 log = logging.getLogger("sidecar.mirror")
@@ -60,14 +60,7 @@ class Mirror:
                 if ep is None:
                     self.failed += 1
                     return
-                resp = await self.pool.request(ep.address, ep.port, head, body)
-                try:
-                    if not isinstance(resp.body, bytes):
-                        async for _ in resp.body:
-                            pass
-                finally:
-                    if resp.aclose is not None:
-                        await resp.aclose()
+                await drain(await self.pool.request(ep.address, ep.port, head, body))
                 self.sent += 1
         except (MeshError, trio.BrokenResourceError, OSError) as exc:
             self.failed += 1

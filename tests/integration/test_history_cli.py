@@ -5,8 +5,6 @@ a meshd crash and restart."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,13 +43,8 @@ def mesh(tmp_path: Path) -> Iterator[MeshHarness]:
         h.close()
 
 
-def _meshd(mesh: MeshHarness, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshd.cli.main", "--addr", mesh.meshd_addr,
-                           *args], capture_output=True, text=True, timeout=30)
-
-
 def _ok(mesh: MeshHarness, *args: str) -> list[str]:
-    out = _meshd(mesh, *args)
+    out = mesh.cli(*args)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
 
@@ -90,7 +83,7 @@ def test_history_diff_rollback_reach_the_sidecar(mesh: MeshHarness, tmp_path: Pa
     mesh.wait_synced()
     assert _ok(mesh, "rule", "diff", "1") == ["no differences between revisions 1 and 3"]
 
-    missing = _meshd(mesh, "rule", "rollback", "9")
+    missing = mesh.cli("rule", "rollback", "9")
     assert missing.returncode == 1 and "no rule revision 9" in missing.stderr
 
     mesh.stop_meshd(signal.SIGKILL)  # a crash: every accepted revision was committed

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,9 +86,6 @@ def _requests_total(url: str) -> dict[tuple[str, str, str, str], float]:
     return out
 
 
-def _meshd(mesh: MeshHarness, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshd.cli.main", "--addr", mesh.meshd_addr,
-                           *args], capture_output=True, text=True, timeout=30)
 
 
 def test_sidecar_pair_forwards_over_keepalive_and_reports_istio_metrics(mesh: MeshHarness) -> None:
@@ -130,7 +126,7 @@ def test_egress_denied_by_default_then_allowed(mesh: MeshHarness, tmp_path: Path
         assert denied.status_code == 502 and "denied" in denied.text
         rules = tmp_path / "egress.toml"
         rules.write_text(EGRESS.format(port=ext_port))
-        assert _meshd(mesh, "rule", "push", str(rules)).returncode == 0
+        assert mesh.cli("rule", "push", str(rules)).returncode == 0
         mesh.wait_synced()
         wait_until(lambda: c.get("http://ext.example/send").status_code == 200, 10,
                    "egress allowed")
@@ -143,11 +139,11 @@ def test_rejected_push_changes_nothing(mesh: MeshHarness, tmp_path: Path) -> Non
     intended = {r["node"]: r["intended"] for r in mesh.proxy_status()}
     bad = tmp_path / "bad.toml"
     bad.write_text(BAD_RULES.format())
-    out = _meshd(mesh, "rule", "push", str(bad))
+    out = mesh.cli("rule", "push", str(bad))
     assert out.returncode == 2
     assert f"{bad}:10: route[0].http[0].destinations: weights sum to 90, must be 100" \
         in out.stderr
-    assert _meshd(mesh, "rule", "list").stdout.strip() == ""
+    assert mesh.cli("rule", "list").stdout.strip() == ""
     assert {r["node"]: r["intended"] for r in mesh.proxy_status()} == intended
     assert mesh.admin_json("client-1", "/config_dump")["version"] == before
 
@@ -237,10 +233,10 @@ def test_join_token(tmp_path: Path) -> None:
         h.add_service("echo-1", "echo", "msgd")
         h.wait_ready()
         h.wait_synced()
-        denied = _meshd(h, "services")
+        denied = h.cli("services")
         assert denied.returncode == 1
         assert denied.stderr.strip() == "error: meshd refused the join token (set MESHD_TOKEN)"
-        ok = _meshd(h, "--token", "s3cret", "services")
+        ok = h.cli("--token", "s3cret", "services")
         assert ok.returncode == 0 and "echo-1" in ok.stdout
     finally:
         h.close()

@@ -3,8 +3,6 @@ the inbound decides on the caller's certificate identity; callers get 403 / 429 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -75,15 +73,6 @@ def mesh(tmp_path: Path) -> Iterator[MeshHarness]:
         h.close()
 
 
-def _push(mesh: MeshHarness, text: str) -> None:
-    path = mesh.workdir / f"rules-{time.monotonic_ns()}.toml"
-    path.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "meshd.cli.main", "--addr", mesh.meshd_addr,
-                          "rule", "push", str(path)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    mesh.wait_synced()
-
-
 def _call(mesh: MeshHarness, caller: str, method: str, path: str) -> httpx.Response:
     proxy = f"http://127.0.0.1:{mesh.sidecars[caller].outbound}"
     with httpx.Client(proxy=proxy, timeout=10) as c:
@@ -98,7 +87,7 @@ def _certs_ready(mesh: MeshHarness) -> None:
 
 def test_authorization_matrix(mesh: MeshHarness) -> None:
     _certs_ready(mesh)
-    _push(mesh, POLICIES)
+    mesh.push_rules(POLICIES)
     cases = [  # caller, method, path, expected status, deciding policy
         ("svca-1", "GET", "/admin/users", 200, None),
         ("svcb-1", "GET", "/admin/users", 403, "no-admin-for-svcb"),
@@ -120,7 +109,7 @@ def test_authorization_matrix(mesh: MeshHarness) -> None:
 
 
 def test_plaintext_caller_cannot_use_an_allow_list(mesh: MeshHarness) -> None:
-    _push(mesh, POLICIES)
+    mesh.push_rules(POLICIES)
     # straight to the STRICT inbound without TLS: refused before HTTP, nothing reaches the app
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{mesh.sidecars['echo-1'].inbound}/public",
@@ -128,7 +117,7 @@ def test_plaintext_caller_cannot_use_an_allow_list(mesh: MeshHarness) -> None:
 
 
 def test_local_rate_limit_gives_429_with_retry_after(mesh: MeshHarness) -> None:
-    _push(mesh, LIMITS)
+    mesh.push_rules(LIMITS)
     proxy = f"http://127.0.0.1:{mesh.sidecars['svca-1'].outbound}"
     with httpx.Client(proxy=proxy, timeout=10) as c:
         responses = [c.get("http://echo/x") for _ in range(20)]
@@ -156,7 +145,7 @@ def test_global_limit_is_held_by_three_replicas_together(mesh: MeshHarness) -> N
         mesh.add_service(f"svca-{i}", "svca", None, {"version": "v1"})
     mesh.wait_ready()
     mesh.wait_synced()
-    _push(mesh, GLOBAL)
+    mesh.push_rules(GLOBAL)
     # each replica offers ~60 req/s (180 req/s together) against a 40 req/s global limit
     ok: Counter[str] = Counter()
 

@@ -5,8 +5,6 @@ active health checks. Numbers are asserted; every loop is bounded; traffic stays
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,15 +28,6 @@ def mesh(tmp_path: Path) -> Iterator[MeshHarness]:
         yield h
     finally:
         h.close()
-
-
-def _push(mesh: MeshHarness, text: str) -> None:
-    path = mesh.workdir / f"rules-{time.monotonic_ns()}.toml"
-    path.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "meshd.cli.main", "--addr", mesh.meshd_addr,
-                          "rule", "push", str(path)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    mesh.wait_synced()
 
 
 def _client(mesh: MeshHarness) -> httpx.Client:
@@ -86,7 +75,7 @@ retries = {{ attempts = {attempts}, retry_on = "5xx", backoff = "5ms" }}
 
 def test_retries_mask_a_30_percent_failing_destination(mesh: MeshHarness) -> None:
     _start(mesh, {"echo-1": ("httpbin", {})})
-    _push(mesh, RETRY_RULES.format(budget="", attempts=7))
+    mesh.push_rules(RETRY_RULES.format(budget="", attempts=7))
     with _client(mesh) as c:
         codes = Counter(r.status_code for r in _parallel(
             1000, lambda _: c.get("http://echo/status/200:7,503:3"), workers=8))
@@ -95,12 +84,12 @@ def test_retries_mask_a_30_percent_failing_destination(mesh: MeshHarness) -> Non
 
 def test_retry_budget_caps_retries_when_everything_fails(mesh: MeshHarness) -> None:
     _start(mesh, {"echo-1": ("httpbin", {})})
-    _push(mesh, RETRY_RULES.format(budget="", attempts=5))
+    mesh.push_rules(RETRY_RULES.format(budget="", attempts=5))
     with _client(mesh) as c:
         codes = Counter(r.status_code for r in _parallel(100, lambda _: c.get("http://echo/status/503")))
     unbudgeted = _destination_requests(mesh, "echo-1")
     assert codes[503] == 100 and unbudgeted == 600  # 1 try + 5 retries each
-    _push(mesh, RETRY_RULES.format(
+    mesh.push_rules(RETRY_RULES.format(
         budget="retry_budget = { percent = 20.0, min_concurrency = 1 }", attempts=5))
     with _client(mesh) as c:
         _parallel(100, lambda _: c.get("http://echo/status/503"))
@@ -120,7 +109,7 @@ max_ejection_percent = {max_percent}, min_health_percent = 0.0 }}
 def test_outlier_ejects_after_consecutive_5xx_and_returns(mesh: MeshHarness) -> None:
     _start(mesh, {"echo-1": ("static", {}), "echo-2": ("static", {}),
                   "echo-bad": ("static", {"status": "500"})})
-    _push(mesh, OUTLIER_RULES.format(max_percent=100.0))
+    mesh.push_rules(OUTLIER_RULES.format(max_percent=100.0))
     with _client(mesh) as c:
         first = [c.get("http://echo/x").status_code for _ in range(30)]
         ejected_at = time.monotonic()
@@ -135,7 +124,7 @@ def test_outlier_ejects_after_consecutive_5xx_and_returns(mesh: MeshHarness) -> 
 def test_max_ejection_percent_is_respected(mesh: MeshHarness) -> None:
     _start(mesh, {"echo-1": ("static", {}), "bad-1": ("static", {"status": "500"}),
                   "bad-2": ("static", {"status": "500"})})
-    _push(mesh, OUTLIER_RULES.format(max_percent=34.0))  # one host of three
+    mesh.push_rules(OUTLIER_RULES.format(max_percent=34.0))  # one host of three
     with _client(mesh) as c:
         [c.get("http://echo/x") for _ in range(60)]
         later = [c.get("http://echo/x") for _ in range(60)]
@@ -162,7 +151,7 @@ timeout = "1s"
 
 def test_hung_upstream_gets_504_at_the_route_timeout(mesh: MeshHarness) -> None:
     _start(mesh, {"echo-1": ("httpbin", {})})
-    _push(mesh, TIMEOUT_RULES)
+    mesh.push_rules(TIMEOUT_RULES)
     with _client(mesh) as c:
         start = time.monotonic()
         resp = c.get("http://echo/delay/3")
@@ -185,7 +174,7 @@ connection_pool = { max_connections = 2, max_pending_requests = 2 }
 
 def test_circuit_breaker_overflow_gives_503_uo(mesh: MeshHarness) -> None:
     _start(mesh, {"echo-1": ("httpbin", {})})
-    _push(mesh, BREAKER_RULES)
+    mesh.push_rules(BREAKER_RULES)
     with _client(mesh) as c:
         responses = _parallel(12, lambda _: c.get("http://echo/delay/1"), workers=12)
     flags = Counter(r.headers.get("x-meshd-response-flags", "-") for r in responses)
@@ -204,7 +193,7 @@ healthy_threshold = 1 }
 
 def test_active_health_check_removes_a_sick_endpoint(mesh: MeshHarness) -> None:
     _start(mesh, {"echo-1": ("static", {}), "echo-sick": ("static", {"status": "503"})})
-    _push(mesh, HEALTH_RULES)
+    mesh.push_rules(HEALTH_RULES)
     with _client(mesh) as c:
         wait_until(lambda: all(c.get("http://echo/x").status_code == 200 for _ in range(10)),
                    5.0, "the sick endpoint to be marked unhealthy")

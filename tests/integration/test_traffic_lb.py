@@ -93,13 +93,6 @@ def _cli(mesh: MeshHarness, *args: str) -> subprocess.CompletedProcess[str]:
                            *args], capture_output=True, text=True, timeout=30)
 
 
-def _push(mesh: MeshHarness, tmp_path: Path, name: str, text: str) -> None:
-    path = tmp_path / name
-    path.write_text(text)
-    out = _cli(mesh, "rule", "push", str(path))
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
 def _snapshot(mesh: MeshHarness, node: str) -> dict[str, Any]:
     snap = mesh.admin_json(node, "/config_dump")["snapshot"]
     return snap if isinstance(snap, dict) else {}
@@ -177,7 +170,7 @@ def test_consistent_hash_pins_a_key_and_spreads_keys(tmp_path: Path, lb: str) ->
             mesh.add_service(name, "echo", "static", {"version": "v1"})
         mesh.wait_ready()
         mesh.wait_synced()
-        _push(mesh, tmp_path, "hash.toml", HASH_RULES.format(lb=lb))
+        mesh.push_rules(HASH_RULES.format(lb=lb), "hash.toml")
         _wait(lambda: _endpoints(mesh, "client-1", "outbound||echo") == echoes
               and _cluster(mesh, "client-1", "outbound||echo")["lb_policy"] == lb,
               f"client sees 4 echoes with {lb}")
@@ -239,7 +232,7 @@ def test_locality_prefers_own_zone_fails_over_and_comes_back(tmp_path: Path) -> 
             mesh.add_service(name, "echo", "static", {"version": "v1", "region": "r1", "zone": z})
         mesh.wait_ready()
         mesh.wait_synced()
-        _push(mesh, tmp_path, "locality.toml", LOCALITY_RULES)
+        mesh.push_rules(LOCALITY_RULES, "locality.toml")
         _wait(lambda: _endpoints(mesh, "client-1", "outbound||echo") == sorted(zone)
               and _cluster(mesh, "client-1", "outbound||echo")["outlier"] is not None
               and _cluster(mesh, "client-1", "outbound||echo")["locality"] is not None,
@@ -321,7 +314,7 @@ def test_fault_abort_percentage_only_on_matched_traffic(tmp_path: Path) -> None:
             mesh.add_service(name, "echo", "static", {"version": "v1"})
         mesh.wait_ready()
         mesh.wait_synced()
-        _push(mesh, tmp_path, "fault.toml", FAULT_RULES)
+        mesh.push_rules(FAULT_RULES, "fault.toml")
         _wait(lambda: [r["name"] for r in _routes(mesh, "client-1", "echo")] == ["chaos", "default"]
               and _endpoints(mesh, "client-1", "outbound||echo") == ["echo-1", "echo-2"],
               "client has the fault route")
@@ -382,7 +375,7 @@ def test_mirror_copies_half_and_leaves_primary_latency_alone(tmp_path: Path) -> 
 
         def set_mirror(on: bool) -> None:
             mirror = 'mirror = { subset = "v2", percentage = 50 }' if on else ""
-            _push(mesh, tmp_path, "route.toml", MIRROR_RULES.format(mirror=mirror))
+            mesh.push_rules(MIRROR_RULES.format(mirror=mirror), "route.toml")
             want = "outbound|v2|echo" if on else None
             _wait(lambda: _endpoints(mesh, "client-1", "outbound|v1|echo") == ["echo-v1"]
                   and [(r.get("mirror") or {}).get("cluster")
@@ -535,7 +528,7 @@ def test_rule_simulate_matches_the_live_sidecar(tmp_path: Path) -> None:
             mesh.add_service(name, "echo", "static", {"version": version})
         mesh.wait_ready()
         mesh.wait_synced()
-        _push(mesh, tmp_path, "sim.toml", SIM_RULES)
+        mesh.push_rules(SIM_RULES, "sim.toml")
         for node in CALLERS:
             _wait(lambda n=node: len(_routes(mesh, n, "echo")) == 7
                   and all(_endpoints(mesh, n, f"outbound|{v}|echo") == [f"echo-{v}"]
