@@ -8,8 +8,6 @@ produce ``Instance`` values; meshd merges them and never learns the platform.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import msgspec
 
 DEFAULT_TTL = 10.0  # seconds; Consul TTL checks are commonly 10-15 s, Eureka leases 90 s
@@ -21,7 +19,10 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     service: service name (the mesh host, e.g. ``"svcb"``); instance_id: unique per registry;
     address/port: the instance's inbound sidecar listener; labels: string map; source: adapter
     name (``"builtin"``); ttl: seconds between required heartbeats before expiry; namespace: with
-    the service it forms the SPIFFE ID ``spiffe://<td>/ns/<namespace>/sa/<service>``.
+    the service it forms the SPIFFE ID ``spiffe://<td>/ns/<namespace>/sa/<service>``; protocol:
+    the application protocol of the port as declared by the registry (Consul ``Meta.protocol``,
+    label ``mesh.protocol``); locality comes from the ``region``/``zone`` labels (Consul
+    datacenter → ``region``).
     """
 
     service: str
@@ -32,15 +33,4 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     source: str = "builtin"
     ttl: float = DEFAULT_TTL
     namespace: str = "default"
-
-
-class ServiceDiscovery(Protocol):
-    """What meshd asks of every registry source (amalgam8 ``ServiceDiscovery`` in one method).
-
-    ``instances()`` returns the source's last known good view; raising ``RegistryError`` means
-    "unknown", never "empty".
-    """
-
-    name: str
-
-    def instances(self) -> list[Instance]: ...
+    protocol: str = ""  # "http" | "http2" | "grpc" | "tcp"; "" = undeclared (destination rule or detection)
