@@ -66,12 +66,15 @@ class Metrics:
                                     ["limit"], registry=self.registry)
 
     def observe(self, *, reporter: str, source: Peer, destination: Peer, service: str,
-                code: int, flags: str, millis: float) -> None:
+                code: int, flags: str, millis: float, grpc_status: str = "-") -> None:
+        """``grpc_status``: the gRPC status code of a gRPC exchange (``request_protocol``
+        ``grpc``), else ``"-"`` (``request_protocol`` ``http``)."""
         values = (
             reporter, source.workload, source.namespace, source.principal, source.app,
             source.version, destination.workload, destination.namespace, destination.principal,
             destination.app, destination.version, service, service.split(".")[0],
-            destination.namespace, "http", str(code), "-", flags or "-",
+            destination.namespace, "http" if grpc_status == "-" else "grpc", str(code), grpc_status,
+            flags or "-",
             _security(reporter, source),
         )
         children = self._children.get(values)

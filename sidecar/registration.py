@@ -1,8 +1,13 @@
-"""Register this instance in meshd's built-in registry, keep its lease, deregister on exit.
+"""Register this instance, keep its lease, deregister on exit — in the registry the bootstrap's
+``[registry]`` table names (``registry.config.RegistrarConfig``; default meshd's built-in one).
 
-Heartbeats every ``ttl / HEARTBEAT_DIVISOR`` seconds (Consul convention: pass a TTL check every
-TTL/3). A 404 on heartbeat means meshd forgot us (restart, expiry): re-register at once. meshd
-being down is retried forever with the heartbeat period; it never stops the data plane.
+``make_registrar`` picks a ``registry.source.Registrar``: ``MeshdRegistrar`` (meshd's API),
+``ConsulRegistrar`` (agent service + TTL check), ``EurekaRegistrar`` (register/renew/cancel) or
+``EtcdRegistrar`` (key on a lease). ``Registration`` drives it: register, then heartbeat every
+``registrar.heartbeat_interval`` s (meshd: ``ttl / HEARTBEAT_DIVISOR``, Consul convention: pass
+a TTL check every TTL/3); each registrar re-registers by itself when the registry forgot the
+instance (meshd 404, Eureka 404, etcd lease gone). A registry being down is retried forever
+with the heartbeat period; it never stops the data plane.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ import logging
 from collections.abc import Callable
 
 import httpx
+import msgspec
 import trio
 
+from meshd.errors import RegistryError
+from registry.model import Instance
+from registry.source import Registrar
 from sidecar.bootstrap import Bootstrap
 from sidecar.control import auth_headers
 
@@ -21,60 +30,99 @@ HEARTBEAT_DIVISOR = 3
 CALL_TIMEOUT = 5.0  # seconds per registry call
 
 
+def instance_of(boot: Bootstrap) -> Instance:
+    """This sidecar's instance: its inbound listener, labels (+ ``app``), TTL, namespace."""
+    return Instance(service=boot.service, instance_id=boot.instance_id, address=boot.advertise_address,
+                    port=boot.inbound_port, labels={"app": boot.service, **boot.labels},
+                    ttl=boot.ttl, namespace=boot.namespace, protocol=boot.app_protocol)
+
+
+class MeshdRegistrar:
+    """``Registrar`` on meshd's built-in registry (``/v1/registry/instances``)."""
+
+    def __init__(self, boot: Bootstrap, client: httpx.AsyncClient,
+                 token: Callable[[], str] | None = None) -> None:
+        self.boot, self.client, self.token = boot, client, token
+        self.heartbeat_interval = boot.ttl / HEARTBEAT_DIVISOR
+        self._base = f"{boot.meshd_addr}/v1/registry/instances"
+
+    async def register(self, inst: Instance) -> None:
+        body = {**msgspec.to_builtins(inst), "source": "builtin"}
+        with trio.fail_after(CALL_TIMEOUT):
+            resp = await self.client.post(self._base, json=body,
+                                          headers=auth_headers(self.boot, self.token))
+        resp.raise_for_status()
+
+    async def heartbeat(self, inst: Instance) -> None:
+        with trio.fail_after(CALL_TIMEOUT):
+            resp = await self.client.put(f"{self._base}/{inst.instance_id}/heartbeat",
+                                         headers=auth_headers(self.boot, self.token))
+        if resp.status_code == 404:  # meshd forgot us (restart, expiry)
+            await self.register(inst)
+            return
+        resp.raise_for_status()
+
+    async def deregister(self, inst: Instance) -> None:
+        with trio.fail_after(CALL_TIMEOUT):
+            await self.client.delete(f"{self._base}/{inst.instance_id}",
+                                     headers=auth_headers(self.boot, self.token))
+
+
+def make_registrar(boot: Bootstrap, client: httpx.AsyncClient,
+                   token: Callable[[], str] | None = None) -> Registrar:
+    """The registrar the bootstrap's ``[registry]`` names (adapters imported when used)."""
+    cfg = boot.registry
+    if cfg.kind == "etcd":
+        from registry.etcd.registrar import EtcdRegistrar
+        return EtcdRegistrar(list(cfg.endpoints), cfg.prefix, ttl=boot.ttl, client=client)
+    if cfg.kind == "consul":
+        from registry.consul.registrar import ConsulRegistrar
+        return ConsulRegistrar(cfg.address or None, cfg.token or None, ttl=boot.ttl)
+    if cfg.kind == "eureka":
+        from registry.config import EUREKA_URL
+        from registry.eureka.registrar import EurekaRegistrar
+        return EurekaRegistrar(cfg.address or EUREKA_URL, app=cfg.app or None)
+    return MeshdRegistrar(boot, client, token)
+
+
 class Registration:
     def __init__(self, boot: Bootstrap, client: httpx.AsyncClient,
                  token: Callable[[], str] | None = None) -> None:
         self.boot = boot
         self.token = token
         self.client = client
+        self.registrar = make_registrar(boot, client, token)
+        self.instance = instance_of(boot)
         self.registered = False
         self._scope = trio.CancelScope()  # cancelled by deregister(): no re-register in drain
 
-    def _instance(self) -> dict[str, object]:
-        b = self.boot
-        labels = {"app": b.service, **b.labels}
-        return {"service": b.service, "instance_id": b.instance_id, "address": b.advertise_address,
-                "port": b.inbound_port, "labels": labels, "source": "builtin", "ttl": b.ttl,
-                "namespace": b.namespace}
-
     async def register(self) -> None:
-        url = f"{self.boot.meshd_addr}/v1/registry/instances"
-        with trio.fail_after(CALL_TIMEOUT):
-            resp = await self.client.post(url, json=self._instance(),
-                                          headers=auth_headers(self.boot, self.token))
-        resp.raise_for_status()
+        await self.registrar.register(self.instance)
         self.registered = True
-        log.info("registered %s as %s", self.boot.service, self.boot.instance_id)
+        log.info("registered %s as %s (%s)", self.boot.service, self.boot.instance_id,
+                 self.boot.registry.kind)
 
     async def heartbeat(self) -> None:
-        url = f"{self.boot.meshd_addr}/v1/registry/instances/{self.boot.instance_id}/heartbeat"
-        with trio.fail_after(CALL_TIMEOUT):
-            resp = await self.client.put(url, headers=auth_headers(self.boot, self.token))
-        if resp.status_code == 404:
-            self.registered = False
-            await self.register()
-            return
-        resp.raise_for_status()
+        await self.registrar.heartbeat(self.instance)
 
     async def run(self) -> None:
-        """Register, then heartbeat every ttl/3 until ``deregister`` is called."""
-        period = self.boot.ttl / HEARTBEAT_DIVISOR
+        """Register, then heartbeat every ``heartbeat_interval`` until ``deregister``."""
+        period = self.registrar.heartbeat_interval
         with self._scope:
             while True:
                 try:
                     await (self.heartbeat() if self.registered else self.register())
-                except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
+                except (httpx.HTTPError, trio.TooSlowError, OSError, RegistryError) as exc:
                     log.warning("registry call failed: %s", exc)
                 await trio.sleep(period)
 
     async def deregister(self) -> None:
         """Stop heartbeats, then deregister: best effort, bounded by CALL_TIMEOUT, never raises."""
         self._scope.cancel()
-        url = f"{self.boot.meshd_addr}/v1/registry/instances/{self.boot.instance_id}"
         try:
             with trio.fail_after(CALL_TIMEOUT):
-                await self.client.delete(url, headers=auth_headers(self.boot, self.token))
+                await self.registrar.deregister(self.instance)
             log.info("deregistered %s", self.boot.instance_id)
-        except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
+        except (httpx.HTTPError, trio.TooSlowError, OSError, RegistryError) as exc:
             log.warning("deregister failed: %s", exc)
         self.registered = False

@@ -9,6 +9,7 @@ connection or server errors). The ``rule`` group lives in ``meshd.cli.rules``, `
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -47,9 +48,12 @@ register_identity_commands(main)  # token, certs, ca
 @click.option("--cert-ttl", default="24h", show_default=True, help="workload certificate lifetime")
 @click.option("--tls-cert", default="", help="serve the API over HTTPS with this certificate PEM")
 @click.option("--tls-key", default="", help="private key PEM of --tls-cert")
+@click.option("--config", "config_file", default="", envvar="MESHD_CONFIG",
+              help="meshd.toml: discovery sources and merging (default: built-in registry only)")
 @click.option("--log-level", default="info", show_default=True)
 def serve(listen: str, data_dir: str, serve_token: str, trust_domain: str, ca_cert: str, ca_key: str,
-          ca_bundle: str, cert_ttl: str, tls_cert: str, tls_key: str, log_level: str) -> None:
+          ca_bundle: str, cert_ttl: str, tls_cert: str, tls_key: str, config_file: str,
+          log_level: str) -> None:
     """Run the controller."""
     import trio
 
@@ -66,8 +70,10 @@ def serve(listen: str, data_dir: str, serve_token: str, trust_domain: str, ca_ce
     try:
         if bool(tls_cert) != bool(tls_key):
             fail("--tls-cert and --tls-key go together", 2)
+        from registry.config import load as load_config
+        registry = load_config(config_file) if config_file else None
         trio.run(run, listen, data_dir, serve_token, identity,
-                 (tls_cert, tls_key) if tls_cert else None)
+                 (tls_cert, tls_key) if tls_cert else None, registry)
     except ConfigError as exc:
         fail(str(exc), 2)
     except OSError as exc:
@@ -75,17 +81,38 @@ def serve(listen: str, data_dir: str, serve_token: str, trust_domain: str, ca_ce
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
 @pass_api
-def services(api: Api) -> None:
-    """Show the registry: service, instance, address, labels, health, lease left."""
+def services(api: Api, as_json: bool) -> None:
+    """Show the merged registry: instances with source, labels, health; sources; conflicts."""
     _, body = api.call("GET", "/v1/registry/services")
-    click.echo(f"{'SERVICE':<12} {'INSTANCE':<22} {'ADDRESS':<28} {'HEALTH':<8} LABELS")
+    if as_json:
+        click.echo(json.dumps(body, indent=2, sort_keys=True))
+        return
+    click.echo(f"{'SERVICE':<12} {'INSTANCE':<22} {'ADDRESS':<22} {'SOURCE':<10} {'HEALTH':<8} LABELS")
     for svc in body["services"]:
+        marks = [f"stale: {','.join(svc['stale_sources'])}"] if svc.get("stale_sources") else []
+        marks += [f"withheld from {src}: {w['removed']} of {w['of']} for {w['since']:.0f}s"
+                  for src, w in (svc.get("withheld") or {}).items()]
         for i in svc["instances"]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(i["labels"].items()))
             addr = f"{i['address']}:{i['port']}"
             health = "passing" if i["healthy"] else "critical"
-            click.echo(f"{svc['name']:<12} {i['instance_id']:<22} {addr:<28} {health:<8} {labels}")
+            click.echo(f"{svc['name']:<12} {i['instance_id']:<22} {addr:<22} {i.get('source', ''):<10} "
+                       f"{health:<8} {labels}")
+        for mark in marks:
+            click.echo(f"{svc['name']:<12} ! {mark}")
+    if body.get("sources"):
+        click.echo(f"\n{'SOURCE':<12} {'STATE':<8} {'INSTANCES':<10} DETAIL")
+    for src in body.get("sources", []):
+        state = "stale" if src["stale"] else ("ok" if src["synced"] else "waiting")
+        detail = f"{src['stale_for']:.0f}s: {src['message']}" if src["stale"] else ""
+        detail += "".join(f" [{s} stale {e['stale_for']:.0f}s: {e['message']}]"
+                          for s, e in src.get("stale_services", {}).items())
+        click.echo(f"{src['name']:<12} {state:<8} {src['instances']:<10} {detail}".rstrip())
+    for c in body.get("conflicts", []):
+        click.echo(f"conflict: {c['service']} {c['kind']} {c['key']} from {','.join(c['sources'])}: "
+                   f"{c['detail']}")
 
 
 @main.command("proxy-status")

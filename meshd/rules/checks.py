@@ -27,6 +27,7 @@ from meshd.rules.schema import (
     RouteRule,
     RulesFile,
     StringMatch,
+    TCPRoute,
 )
 
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -84,7 +85,7 @@ def check_host(host: str, path: Path, out: list[Problem], what: str = "host") ->
 def _route(route: RouteRule, path: Path, out: list[Problem]) -> None:
     check_name(route.name, (*path, "name"), out)
     check_host(route.host, (*path, "host"), out)
-    if not route.http:
+    if not route.http and not route.tcp:
         out.append(((*path, "http"), "at least one http route is required"))
     seen: dict[str, int] = {}
     for i, http in enumerate(route.http):
@@ -98,6 +99,30 @@ def _route(route: RouteRule, path: Path, out: list[Problem]) -> None:
                 )
             seen.setdefault(http.name, i)
         _http(http, here, out)
+    _tcp_routes(route.tcp, (*path, "tcp"), out)
+
+
+def _tcp_routes(routes: list[TCPRoute], path: Path, out: list[Problem]) -> None:
+    """Istio TCPRoute: names unique, ``port`` in 1..65535, weighted destinations as HTTP's."""
+    seen: dict[str, int] = {}
+    for i, tcp in enumerate(routes):
+        here = (*path, i)
+        if tcp.name:
+            check_name(tcp.name, (*here, "name"), out)
+            if tcp.name in seen:
+                where = dotted((*path, seen[tcp.name]))
+                out.append(((*here, "name"), f'duplicate name "{tcp.name}", already used by {where}'))
+            seen.setdefault(tcp.name, i)
+        for j, match in enumerate(tcp.match):
+            if match.port is not None and not 1 <= match.port <= 65535:
+                out.append(((*here, "match", j, "port"), f"port {match.port} is out of range 1..65535"))
+        dests = (*here, "destinations")
+        if not tcp.destinations:
+            out.append((dests, "at least one destination is required"))
+        for j, dest in enumerate(tcp.destinations):
+            if dest.host is not None:
+                check_host(dest.host, (*dests, j, "host"), out)
+        _weights(tcp, dests, out)
 
 
 def _http(http: HTTPRoute, path: Path, out: list[Problem]) -> None:
@@ -115,7 +140,7 @@ def _http(http: HTTPRoute, path: Path, out: list[Problem]) -> None:
     traffic.route_policies(http, path, out)
 
 
-def _weights(http: HTTPRoute, path: Path, out: list[Problem]) -> None:
+def _weights(http: HTTPRoute | TCPRoute, path: Path, out: list[Problem]) -> None:
     """Istio: one destination takes 100 %; several must each be weighted and sum to 100."""
     if len(http.destinations) == 1:
         weight = http.destinations[0].weight

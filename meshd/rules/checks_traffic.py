@@ -29,6 +29,8 @@ from meshd.rules.schema import (
     Retries,
     RulesFile,
 )
+from sidecar.core.retry import GRPC_RETRY_ON
+from sidecar.http2.grpc import GRPC_CODES
 
 Path = tuple[str | int, ...]
 Problem = tuple[Path, str]
@@ -44,6 +46,7 @@ RETRY_ON = (
     "refused-stream",
     "retriable-4xx",
     "retriable-status-codes",
+    *GRPC_RETRY_ON,  # x-envoy-retry-grpc-on: cancelled, deadline-exceeded, internal, ...
 )
 MAX_RETRY_ATTEMPTS = 10  # bounds retry storms from a hostile or mistyped config (Istio default 2)
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -191,8 +194,16 @@ def _fault(fault: Fault, path: Path, out: list[Problem]) -> None:
         duration(fault.delay.fixed, (*path, "delay", "fixed"), out)
         percentage(fault.delay.percentage, (*path, "delay", "percentage"), out)
     if fault.abort is not None:
-        in_range(fault.abort.status, 200, 599, (*path, "abort", "status"), "abort status", out)
-        percentage(fault.abort.percentage, (*path, "abort", "percentage"), out)
+        abort = fault.abort
+        if (abort.status is None) == (abort.grpc_status is None):
+            out.append(((*path, "abort"), "set exactly one of status, grpc_status"))
+        if abort.status is not None:
+            in_range(abort.status, 200, 599, (*path, "abort", "status"), "abort status", out)
+        if abort.grpc_status is not None and abort.grpc_status.upper() not in GRPC_CODES:
+            out.append(((*path, "abort", "grpc_status"),
+                        f'unknown gRPC status "{abort.grpc_status}", expected one of: '
+                        + ", ".join(GRPC_CODES)))
+        percentage(abort.percentage, (*path, "abort", "percentage"), out)
 
 
 def _rewrite(http: HTTPRoute, path: Path, out: list[Problem]) -> None:

@@ -24,6 +24,7 @@ KINDS = ("route", "destination", "egress", "authorization", "ratelimit")
 AuthzAction = Literal["ALLOW", "DENY", "AUDIT"]
 RateUnit = Literal["second", "minute", "hour"]
 RateScope = Literal["local", "global"]
+Protocol = Literal["http", "http2", "grpc", "tcp"]  # Istio port protocols meshd speaks
 Duration = str  # "250ms", "2s", "1.5m", "1h" — parsed by ``meshd.rules.units.duration``
 
 
@@ -88,7 +89,11 @@ class FaultDelay(_Strict):
 
 
 class FaultAbort(_Strict):
-    status: int
+    """Istio HTTPFaultInjection.Abort: exactly one of ``status`` (httpStatus) and
+    ``grpc_status`` (grpcStatus, a gRPC code name such as ``"UNAVAILABLE"``)."""
+
+    status: int | None = None
+    grpc_status: str | None = None
     percentage: float = 100.0
 
 
@@ -144,10 +149,26 @@ class HTTPRoute(_Strict):
     headers: Headers | None = None
 
 
+class TCPMatch(_Strict):
+    """Istio L4MatchAttributes: ``port`` is the service port the client addressed."""
+
+    port: int | None = None
+
+
+class TCPRoute(_Strict):
+    """Istio TCPRoute: the first route whose match (any block; none = all) fits the connection
+    sends it to one weighted destination."""
+
+    name: str = ""
+    match: list[TCPMatch] = []
+    destinations: list[RouteDestination] = []
+
+
 class RouteRule(_Strict):
     name: str
     host: str
     http: list[HTTPRoute] = []
+    tcp: list[TCPRoute] = []
 
 
 class Subset(_Strict):
@@ -218,6 +239,7 @@ class DestinationRule(_Strict):
     name: str
     host: str
     load_balancer: LoadBalancer = "round_robin"
+    protocol: Protocol | None = None   # the host's port protocol; overrides the registry's
     subsets: list[Subset] = []
     consistent_hash: ConsistentHash | None = None
     locality: Locality | None = None

@@ -84,18 +84,19 @@ def check_references(
     subsets = {(d.host, s.name) for d in rules.destination for s in d.subsets}
     errors: list[ConfigError] = []
     for i, route in enumerate(rules.route):
+        used: list[tuple[Path, str | None, str | None]] = []
         for j, http in enumerate(route.http):
-            used: list[tuple[Path, str | None, str | None]] = [
-                (("http", j, "destinations", k, "subset"), dest.host, dest.subset)
-                for k, dest in enumerate(http.destinations)
-            ]
+            used += [(("http", j, "destinations", k, "subset"), dest.host, dest.subset)
+                     for k, dest in enumerate(http.destinations)]
             if http.mirror is not None:
                 used.append((("http", j, "mirror", "subset"), http.mirror.host, http.mirror.subset))
-            for rest, dest_host, subset in used:
-                host = dest_host or route.host
-                if subset is not None and (host, subset) not in subsets:
-                    reason = f'subset "{subset}" is not defined by any destination rule for host "{host}"'
-                    errors.append(origin.error("route", route.name, i, rest, reason))
+        used += [(("tcp", t, "destinations", k, "subset"), dest.host, dest.subset)
+                 for t, tcp in enumerate(route.tcp) for k, dest in enumerate(tcp.destinations)]
+        for rest, dest_host, subset in used:
+            host = dest_host or route.host
+            if subset is not None and (host, subset) not in subsets:
+                reason = f'subset "{subset}" is not defined by any destination rule for host "{host}"'
+                errors.append(origin.error("route", route.name, i, rest, reason))
     errors += _host_conflicts(rules, origin)
     errors += [origin.error(kind, name, i, rest, reason)
                for kind, name, i, rest, reason in security_references(rules)]

@@ -7,7 +7,8 @@ GET        /healthz                                  liveness, no auth
 POST       /v1/registry/instances                    register ``Instance`` JSON -> 200
 PUT        /v1/registry/instances/{id}/heartbeat     renew lease; 404 = unknown, re-register
 DELETE     /v1/registry/instances/{id}               deregister; 404 if unknown
-GET        /v1/registry/services                     ``{"services": [{name, instances: [...]}]}``
+GET        /v1/registry/services                     merged view, sources, conflicts (registry_view)
+GET        /metrics                                  Prometheus: registry staleness and counts
 POST       /v1/rules?file=NAME&dry_run=1             body: TOML text; 200 changes / 400 errors
 GET        /v1/rules                                 ``{"rules": RulesFile, "sources": {...}}``
 GET        /v1/rules/{kind}/{name}                   one rule; 404
@@ -39,6 +40,8 @@ from __future__ import annotations
 import urllib.parse
 
 import msgspec
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -50,6 +53,7 @@ from meshd.rules import validate as rv
 from meshd.rules.schema import KINDS
 from meshd.server.api_identity import ApiAuth, identity_routes
 from meshd.server.control import ControlPlane
+from meshd.server.registry_view import RegistryCollector, services_doc
 from meshd.server.simulate import parse_request, simulate
 from meshd.snapshot.compile import NodeInfo
 from registry.model import Instance
@@ -113,14 +117,14 @@ def build_app(cp: ControlPlane, token: str = "", identity: IdentityService | Non
         return _json({"ok": ok}, 200 if ok else 404)
 
     async def services(request: Request) -> Response:
-        now = cp.clock()
-        by_name: dict[str, list[dict[str, object]]] = {}
-        for inst in cp.instances():
-            row = msgspec.to_builtins(inst)
-            row["healthy"] = True
-            row["expires_in"] = round(cp.registry.expires_in(inst.instance_id, now) or 0.0, 2)
-            by_name.setdefault(inst.service, []).append(row)
-        return _json({"services": [{"name": k, "instances": v} for k, v in sorted(by_name.items())]})
+        return _json(services_doc(cp))
+
+    metrics_registry = CollectorRegistry()
+    metrics_registry.register(RegistryCollector(cp))
+
+    async def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(metrics_registry), media_type=content_type)
 
     async def push_rules(request: Request) -> Response:
         body = await request.body()
@@ -256,6 +260,7 @@ def build_app(cp: ControlPlane, token: str = "", identity: IdentityService | Non
         Route("/v1/registry/instances/{iid}/heartbeat", guard(heartbeat, "sidecar"), methods=["PUT"]),
         Route("/v1/registry/instances/{iid}", guard(deregister, "sidecar"), methods=["DELETE"]),
         Route("/v1/registry/services", guard(services)),
+        Route("/metrics", guard(metrics)),
         Route("/v1/rules", guard(push_rules, "operator"), methods=["POST"]),
         Route("/v1/rules", guard(list_rules), methods=["GET"]),
         Route("/v1/rules/history", guard(history)),

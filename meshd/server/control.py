@@ -32,6 +32,8 @@ from meshd.snapshot.consistency import consistency_errors
 from meshd.snapshot.model import Version
 from meshd.store.base import HistoryEntry, Store, StoredRevision, source_key
 from registry.builtin import BuiltinRegistry
+from registry.config import MeshdConfig
+from registry.merge import Merger, Sink
 from registry.model import Instance
 
 log = logging.getLogger("meshd.control")
@@ -39,7 +41,8 @@ NODE_GONE_AFTER = 10.0  # seconds without a long-poll before a sidecar leaves pr
 
 
 class ControlPlane:
-    def __init__(self, store: Store, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = trio.current_time,
+                 config: MeshdConfig | None = None) -> None:
         self.store = store
         self.clock = clock
         self.epoch = store.next_epoch()
@@ -49,6 +52,11 @@ class ControlPlane:
         self.sources: dict[str, str] = dict(stored.sources)
         self.revision = stored.revision  # rule-history revision of the live rules (0 = none yet)
         self.registry = BuiltinRegistry()
+        # every discovery source (registry.config), merged; the built-in registry is one of them
+        self.config = config or MeshdConfig()
+        names = [src.source_name for src in self.config.sources]
+        self.merger = Merger(names if BuiltinRegistry.name in names else [BuiltinRegistry.name, *names],
+                             self.config.merge.policy)
         self.cache = SnapshotCache()
         self.quotas = Quotas()
         self._mesh: MeshConfig | None = None
@@ -57,6 +65,7 @@ class ControlPlane:
     def start(self) -> None:
         """Call inside trio.run: restores instances with a fresh lease and builds version 1."""
         self.registry.restore(self._restored, self.clock())
+        self.merger.update(BuiltinRegistry.name, self.registry.instances(), self.clock())
         self.rebuild()
 
     @property
@@ -64,7 +73,21 @@ class ControlPlane:
         return Version(self.epoch, self.counter)
 
     def instances(self) -> list[Instance]:
-        return self.registry.instances()
+        """The merged view of every source (``registry.merge``): what routing sees."""
+        return self.merger.instances()
+
+    def sink(self, source: str) -> Sink:
+        """Where discovery source ``source`` reports; a changed merged view rebuilds."""
+        return Sink(self.merger, source, self.clock, self.rebuild)
+
+    def tick(self) -> None:
+        """Apply guard-withheld removals whose hold elapsed (``registry.guard``)."""
+        if self.merger.tick(self.clock()):
+            self.rebuild()
+
+    def _builtin_changed(self) -> None:
+        if self.merger.update(BuiltinRegistry.name, self.registry.instances(), self.clock()):
+            self.rebuild()
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -202,7 +225,7 @@ class ControlPlane:
     def register(self, inst: Instance) -> None:
         if self.registry.register(inst, self.clock()):
             self.store.put_instance(inst)
-            self.rebuild()
+            self._builtin_changed()
 
     def heartbeat(self, instance_id: str) -> bool:
         return self.registry.heartbeat(instance_id, self.clock())
@@ -211,7 +234,7 @@ class ControlPlane:
         if not self.registry.deregister(instance_id):
             return False
         self.store.delete_instance(instance_id)
-        self.rebuild()
+        self._builtin_changed()
         return True
 
     def expire(self) -> list[Instance]:
@@ -223,5 +246,5 @@ class ControlPlane:
                      inst.instance_id, inst.service, inst.ttl)
             self.store.delete_instance(inst.instance_id)
         if gone:
-            self.rebuild()
+            self._builtin_changed()
         return gone

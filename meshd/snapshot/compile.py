@@ -49,7 +49,7 @@ class MeshConfig:
 
 def _endpoint(inst: Instance) -> sm.Endpoint:
     return sm.Endpoint(address=inst.address, port=inst.port, instance_id=inst.instance_id,
-                       labels=dict(inst.labels), namespace=inst.namespace)
+                       labels=dict(inst.labels), namespace=inst.namespace, protocol=inst.protocol)
 
 
 def _cluster(name: str, host: str, subset: str, dest: rs.DestinationRule | None) -> sm.Cluster:
@@ -85,6 +85,7 @@ def _cluster(name: str, host: str, subset: str, dest: rs.DestinationRule | None)
         if dest.retry_budget else None,
         connect_timeout=duration(pool.connect_timeout), idle_timeout=duration(pool.idle_timeout),
         max_connection_duration=optional_duration(pool.max_connection_duration),
+        protocol=dest.protocol or "",
     )
 
 
@@ -97,6 +98,7 @@ def _clusters(rules: rs.RulesFile, vhosts: Sequence[sm.VirtualHost], instances: 
     wanted = {sm.cluster_name(v.host) for v in vhosts}
     wanted |= {c.cluster for v in vhosts for r in v.routes for c in r.clusters}
     wanted |= {r.mirror.cluster for v in vhosts for r in v.routes if r.mirror}
+    wanted |= {c.cluster for v in vhosts for t in v.tcp_routes for c in t.clusters}
     clusters, endpoints = [], []
     for name in sorted(wanted):
         _, subset, host = name.split("|", 2)

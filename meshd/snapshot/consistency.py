@@ -53,6 +53,13 @@ def _route_problems(snap: Snapshot, clusters: set[str]) -> list[str]:
                 problems += _string_problems(m.authority, f"{where} match[{i}].authority")
                 for h in (*m.headers, *m.query_params):
                     problems += _string_problems(h.match, f"{where} match[{i}].{h.name}")
+        for tcp in vh.tcp_routes:
+            where = f"virtual_host {vh.host} tcp route {tcp.name}"
+            total = sum(c.weight for c in tcp.clusters)
+            if total != TOTAL_WEIGHT:
+                problems.append(f"{where}: weights sum to {total}, must be {TOTAL_WEIGHT}")
+            problems += [f"{where}: unknown cluster {c.cluster}"
+                         for c in tcp.clusters if c.cluster not in clusters]
     return problems
 
 

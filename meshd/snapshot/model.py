@@ -7,6 +7,7 @@ Shape (Envoy xDS vocabulary)::
       Listener        name, direction, port, route_config  (outbound listener -> "outbound")
       VirtualHost     host -> ordered Route list          (RDS)
         Route         name, RouteMatch, [WeightedCluster]  weights sum to 100
+        TcpRoute      name, ports, [WeightedCluster]       (Istio tcp routes)
       Cluster         name "outbound|<subset>|<host>", host, subset, lb_policy   (CDS)
       ClusterEndpoints cluster -> [Endpoint(address, port, labels)]              (EDS)
       EgressEntry     host, ports, static endpoints (ServiceEntry)
@@ -93,6 +94,7 @@ class FaultPolicy(_Frozen):
     delay_percentage: float = 0.0     # 0..100
     abort_status: int | None = None
     abort_percentage: float = 0.0
+    abort_grpc_status: int | None = None  # gRPC code of a gRPC abort (then abort_status is None)
 
 
 class MirrorPolicy(_Frozen):
@@ -137,9 +139,19 @@ class Route(_Frozen):
     response_headers: HeaderOps | None = None
 
 
+class TcpRoute(_Frozen):
+    """Istio TCPRoute: matches when any of ``ports`` is the addressed port (empty: any port),
+    then one of ``clusters`` is drawn by weight (sum 100)."""
+
+    name: str
+    ports: tuple[int, ...]
+    clusters: tuple[WeightedCluster, ...]
+
+
 class VirtualHost(_Frozen):
     host: str
     routes: tuple[Route, ...]
+    tcp_routes: tuple[TcpRoute, ...] = ()  # first match wins; none matching: the default cluster
 
 
 class HashPolicy(_Frozen):
@@ -203,6 +215,7 @@ class Cluster(_Frozen):
     outlier: OutlierDetection | None = None
     health_check: HealthCheck | None = None
     retry_budget: RetryBudget | None = None
+    protocol: str = ""                     # destination rule's: http|http2|grpc|tcp, "" = undeclared
     connect_timeout: float = 1.0           # seconds (linkerd outbound default)
     idle_timeout: float = 3600.0           # seconds (Envoy default 1 h)
     max_connection_duration: float | None = None
@@ -217,6 +230,7 @@ class Endpoint(_Frozen):
     instance_id: str = ""
     labels: dict[str, str] = {}
     namespace: str = "default"
+    protocol: str = ""  # the registry's declaration (Instance.protocol); "" = undeclared
 
 
 class ClusterEndpoints(_Frozen):

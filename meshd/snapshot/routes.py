@@ -10,6 +10,7 @@ from __future__ import annotations
 from meshd.rules import schema as rs
 from meshd.rules.units import duration, optional_duration
 from meshd.snapshot import model as sm
+from sidecar.http2.grpc import GRPC_CODES
 
 DEFAULT_ROUTE = "default"
 
@@ -52,7 +53,9 @@ def _fault(f: rs.Fault | None) -> sm.FaultPolicy | None:
         delay=duration(f.delay.fixed) if f.delay else None,
         delay_percentage=f.delay.percentage if f.delay else 0.0,
         abort_status=f.abort.status if f.abort else None,
-        abort_percentage=f.abort.percentage if f.abort else 0.0)
+        abort_percentage=f.abort.percentage if f.abort else 0.0,
+        abort_grpc_status=(GRPC_CODES[f.abort.grpc_status.upper()]
+                           if f.abort and f.abort.grpc_status else None))
 
 
 def _ops(ops: rs.HeaderOps | None) -> sm.HeaderOps | None:
@@ -101,6 +104,17 @@ def route(rule: rs.RouteRule, i: int, http: rs.HTTPRoute) -> sm.Route:
     )
 
 
+def tcp_route(rule: rs.RouteRule, i: int, tcp: rs.TCPRoute) -> sm.TcpRoute:
+    """One snapshot TCP route for ``rule.tcp[i]``; a match block without port matches any."""
+    host = rule.host.lower()
+    ports = () if any(m.port is None for m in tcp.match) else tuple(m.port for m in tcp.match
+                                                                      if m.port is not None)
+    return sm.TcpRoute(name=tcp.name or f"{rule.name}-tcp-{i}", ports=ports, clusters=tuple(
+        sm.WeightedCluster(cluster=sm.cluster_name((d.host or host).lower(), d.subset or ""),
+                           weight=100 if d.weight is None else d.weight)
+        for d in tcp.destinations))
+
+
 def default_vhost(host: str) -> sm.VirtualHost:
     r = sm.Route(name=DEFAULT_ROUTE, matches=(),
                  clusters=(sm.WeightedCluster(cluster=sm.cluster_name(host), weight=100),))
@@ -117,5 +131,6 @@ def virtual_hosts(rules: rs.RulesFile, services: set[str]) -> list[sm.VirtualHos
             out.append(default_vhost(host))
         else:
             out.append(sm.VirtualHost(host=host, routes=tuple(
-                route(rule, i, h) for i, h in enumerate(rule.http))))
+                route(rule, i, h) for i, h in enumerate(rule.http)), tcp_routes=tuple(
+                tcp_route(rule, i, t) for i, t in enumerate(rule.tcp))))
     return out

@@ -14,8 +14,10 @@ Two layers, both raising ``RemoteProtocolError(msg, status_hint)``:
 ``encode_response_head`` / ``encode_request_head`` serialise a head with the framing decided by
 the caller and refuse CR/LF/NUL (response splitting, request smuggling) and names that are not
 tokens. ``strip_hop_by_hop`` removes the RFC 9110 §7.6.1 connection-specific fields before a
-head is forwarded. Headers are ``(name, value)`` tuples:
-lower-case ``str`` names, latin-1 values.
+head is forwarded. ``check_target`` enforces the request-target forms and Host agreement of
+RFC 9112 §3.2; ``forwarded_headers`` sets ``x-forwarded-*`` and drops client-supplied internal
+headers as Envoy's header sanitizing does (``docs/security.md`` lists every rule). Headers are
+``(name, value)`` tuples: lower-case ``str`` names, latin-1 values.
 """
 
 from __future__ import annotations
@@ -264,8 +266,15 @@ def connection_tokens(headers: Iterable[Header]) -> frozenset[str]:
     return tokens
 
 
-def split_hop_by_hop(headers: Iterable[Header]) -> tuple[tuple[Header, ...], frozenset[str]]:
-    """``(strip_hop_by_hop(headers), connection_tokens(headers))`` in one pass when possible."""
+def split_hop_by_hop(
+    headers: Iterable[Header], *, keep_te_trailers: bool = False, upgrade: bool = False
+) -> tuple[tuple[Header, ...], frozenset[str]]:
+    """``(strip_hop_by_hop(headers), connection_tokens(headers))`` in one pass when possible.
+
+    ``keep_te_trailers``: a ``TE`` listing ``trailers`` is forwarded as ``te: trailers`` (Envoy
+    keeps only that value; gRPC needs it). ``upgrade``: an upgrade is in progress, so ``Upgrade``
+    is kept and ``connection: upgrade`` sent on (the other Connection tokens still go).
+    """
     items = tuple(headers)
     for name, _ in items:
         if name in HOP_BY_HOP:
@@ -274,9 +283,129 @@ def split_hop_by_hop(headers: Iterable[Header]) -> tuple[tuple[Header, ...], fro
         return items, _NO_TOKENS
     tokens = connection_tokens(items)
     drop = HOP_BY_HOP if tokens <= HOP_BY_HOP else HOP_BY_HOP | tokens
-    return tuple([item for item in items if item[0] not in drop]), tokens
+    out = [item for item in items if item[0] not in drop]
+    if keep_te_trailers and any(n == "te" and "trailers" in _te_codings(v) for n, v in items):
+        out.append(("te", "trailers"))
+    if upgrade:
+        out += [item for item in items if item[0] == "upgrade"]
+        out.append(("connection", "upgrade"))
+    return tuple(out), tokens
+
+
+def _te_codings(value: str) -> list[str]:
+    """``"trailers, deflate;q=0.5"`` -> ``["trailers", "deflate"]`` (RFC 9110 §10.1.4)."""
+    return [t.partition(";")[0].strip(" \t").lower() for t in value.split(",")]
 
 
 def strip_hop_by_hop(headers: Iterable[Header]) -> tuple[Header, ...]:
     """Drop ``HOP_BY_HOP`` fields and every field named in Connection; keep the rest in order."""
     return split_hop_by_hop(headers)[0]
+
+
+# -- request target and Host (RFC 9112 §3.2) ---------------------------------------------------
+
+#: Characters Envoy accepts in Host/:authority (``HeaderUtility::authorityIsValid``, nghttp2's
+#: ``check_authority``): no space, slash, CTL or non-ASCII byte.
+_AUTHORITY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:%@\[\]]*")
+_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)(.*)", re.DOTALL)
+_DEFAULT_PORT = {"http": ":80", "https": ":443"}
+
+
+def check_target(method: str, target: str, host: str | None, *, secure: bool = False) -> None:
+    """Reject a request-target that is not in the form its method allows, or that disagrees
+    with Host; ``host`` is the (single) Host value or None, ``secure``: the connection is TLS.
+
+    Origin-form ``/p?q``; absolute-form ``http://authority/p`` (``https`` only over TLS, Envoy's
+    rule), no userinfo, authority identical to Host (RFC 9112 §3.2.2, ignoring case and the
+    default port); ``*`` for OPTIONS only; authority-form ``host:port`` for CONNECT only; no
+    fragment (Envoy rejects ``#`` in the path). Raises ``RemoteProtocolError`` (400).
+    """
+    if host is not None and not _AUTHORITY.fullmatch(host):
+        raise RemoteProtocolError("invalid characters in Host", 400)
+    if "#" in target:
+        raise RemoteProtocolError("fragment in request-target", 400)
+    if method == "CONNECT":
+        name, sep, port = target.rpartition(":")
+        if not (sep and name and port.isdigit() and _AUTHORITY.fullmatch(target)) or "@" in target:
+            raise RemoteProtocolError("CONNECT needs an authority-form target host:port", 400)
+        return
+    if target[:1] == "/":
+        return
+    if target == "*":
+        if method != "OPTIONS":
+            raise RemoteProtocolError("asterisk-form target is for OPTIONS only", 400)
+        return
+    m = _ABSOLUTE.fullmatch(target)
+    if m is None:
+        raise RemoteProtocolError("request-target is not origin-form or absolute-form", 400)
+    scheme, authority = m[1].lower(), m[2]
+    if scheme not in _DEFAULT_PORT or (scheme == "https" and not secure):
+        raise RemoteProtocolError(f"scheme {scheme!r} not allowed on this connection", 400)
+    if not authority or "@" in authority or not _AUTHORITY.fullmatch(authority):
+        raise RemoteProtocolError("invalid authority (or userinfo) in absolute-form target", 400)
+    if host is not None and _same_authority(authority, scheme) != _same_authority(host, scheme):
+        raise RemoteProtocolError("Host differs from the absolute-form target's authority", 400)
+
+
+def _same_authority(authority: str, scheme: str) -> str:
+    authority = authority.lower()
+    return authority.removesuffix(_DEFAULT_PORT[scheme])
+
+
+# -- x-forwarded-* and internal headers (Envoy header sanitizing) ------------------------------
+
+XFF, XFP, XFCC = "x-forwarded-for", "x-forwarded-proto", "x-forwarded-client-cert"
+#: Prefixes of headers only the mesh may set; dropped when a request enters from outside it
+#: (Envoy ``cleanInternalHeaders`` / ``internal_only_headers`` on edge requests).
+INTERNAL_PREFIXES = ("x-envoy-", "x-meshd-")
+
+
+def forwarded_headers(
+    headers: Iterable[Header],
+    *,
+    remote_ip: str | None,
+    scheme: str = "http",
+    peer_id: str | None = None,
+    own_id: str | None = None,
+) -> tuple[Header, ...]:
+    """The ``x-forwarded-*`` and internal headers of a request about to be forwarded, as Envoy
+    sets them. ``remote_ip``: the downstream address; ``scheme``: ``"http"`` or ``"https"`` of
+    the downstream connection; ``peer_id``: the caller's verified SPIFFE ID (mTLS) or None;
+    ``own_id``: this sidecar's SPIFFE ID.
+
+    Without ``peer_id`` the request comes from outside the mesh (the app at the outbound
+    listener, or a plain-text caller): ``use_remote_address: true`` — ``remote_ip`` is appended
+    to ``x-forwarded-for`` (several lines are merged into one), ``x-forwarded-proto`` is
+    overwritten with ``scheme`` (0 trusted hops), ``x-forwarded-client-cert`` is removed
+    (``SANITIZE``), and every ``x-envoy-*`` / ``x-meshd-*`` header is dropped. With ``peer_id``
+    (a sidecar over mTLS, trusted): ``x-forwarded-for`` and internal headers pass unchanged,
+    ``x-forwarded-proto`` is set only if absent, and ``By=<own_id>;URI=<peer_id>`` is appended
+    to ``x-forwarded-client-cert`` (Istio's inbound ``APPEND_FORWARD`` with the URI SAN). Other
+    headers keep their order; the rewritten ones go last.
+    """
+    trusted = peer_id is not None
+    out: list[Header] = []
+    xff: list[str] = []
+    xfp: str | None = None
+    xfcc: list[str] = []
+    for item in headers:
+        name = item[0]
+        if name == XFF:
+            xff.append(item[1].strip(" \t"))
+        elif name == XFP:
+            xfp = item[1] if trusted and xfp is None else xfp
+        elif name == XFCC:
+            if trusted:
+                xfcc.append(item[1].strip(" \t"))
+        elif trusted or not name.startswith(INTERNAL_PREFIXES):
+            out.append(item)
+    xff = [v for v in xff if v]
+    if not trusted and remote_ip:
+        xff.append(remote_ip)
+    if xff:
+        out.append((XFF, ", ".join(xff)))
+    out.append((XFP, xfp or scheme))
+    if trusted:
+        element = (f"By={own_id};" if own_id else "") + f"URI={peer_id}"
+        out.append((XFCC, ", ".join([*[v for v in xfcc if v], element])))
+    return tuple(out)

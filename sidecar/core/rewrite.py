@@ -52,15 +52,17 @@ def redirect_location(redirect: Redirect, scheme: str, authority: str, path: str
 class FaultDecision:
     delay: float | None      # seconds to wait before forwarding
     abort_status: int | None  # answer this status instead of forwarding
+    abort_grpc_status: int | None = None  # answer this gRPC status (trailers-only) instead
 
 
 def fault_decision(policy: FaultPolicy | None, draw: Callable[[], float]) -> FaultDecision:
     if policy is None:
         return FaultDecision(None, None)
     delay = policy.delay if policy.delay is not None and draw() < policy.delay_percentage else None
-    abort = (policy.abort_status
-             if policy.abort_status is not None and draw() < policy.abort_percentage else None)
-    return FaultDecision(delay, abort)
+    aborts = policy.abort_status is not None or policy.abort_grpc_status is not None
+    if not aborts or not draw() < policy.abort_percentage:
+        return FaultDecision(delay, None)
+    return FaultDecision(delay, policy.abort_status, policy.abort_grpc_status)
 
 
 def mirror_decision(policy: MirrorPolicy | None, draw: Callable[[], float]) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
+from meshd.errors import RemoteProtocolError
 from sidecar.http.decoders import Decoder
 from sidecar.http.messages import Body, body_length
 
@@ -28,10 +29,14 @@ class RequestBody:
 
     Bytes that arrived with the head are decoded before the handler runs (``prefetch``), so bad
     chunk framing there is a 400 without the handler. ``waiting_100``: the client sent
-    ``Expect: 100-continue`` and no body byte arrived yet (h11's rule).
+    ``Expect: 100-continue`` and no body byte arrived yet (h11's rule). ``error``: the framing
+    error (``RemoteProtocolError``) met while the handler read, so the connection can answer
+    400 and close even if a proxying handler turned it into another status.
     """
 
-    __slots__ = ("_chunks", "_decoder", "_source", "_started", "expected_length", "received", "waiting_100")
+    __slots__ = (
+        "_chunks", "_decoder", "_source", "_started", "error", "expected_length", "received", "waiting_100",
+    )
 
     def __init__(self, source: Source, decoder: Decoder, expected_length: int | None, expect_100: bool):
         self._source = source
@@ -41,6 +46,7 @@ class RequestBody:
         self.expected_length = expected_length
         self.received = 0  # body bytes decoded so far
         self.waiting_100 = expect_100 and not decoder.done
+        self.error: RemoteProtocolError | None = None  # bad framing met while the handler read
 
     @property
     def done(self) -> bool:
@@ -86,7 +92,12 @@ class RequestBody:
             return self._chunks.popleft()
         decoder, source = self._decoder, self._source
         while not decoder.done:
-            payload, rest = decoder.feed(await source.receive(self))  # b"" (EOF) raises 400
+            data = await source.receive(self)
+            try:
+                payload, rest = decoder.feed(data)  # b"" (EOF) raises 400
+            except RemoteProtocolError as exc:
+                self.error = exc  # the connection answers it, whatever the handler made of it
+                raise
             if rest:
                 source.buf += rest
             if payload:

@@ -8,11 +8,13 @@ Why our own head limits: a parser's limit (h11's ``max_incomplete_event_size``) 
 checked only while a head is incomplete, so a large head arriving in one read slips through
 (style-and-reliability §B.4), and llhttp has none. The HTTP layer therefore buffers the head
 itself and enforces the caps below at every read size, the way Envoy does, before the parser
-(``sidecar.http.parser``) sees the head.
+(``sidecar.http.parser``) sees the head. ``server_limits`` builds ``ServerLimits`` from a
+mapping (a bootstrap table); ``docs/security.md`` lists every limit with the attack it answers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from meshd.errors import ConfigError
@@ -35,6 +37,7 @@ LINGER_TIMEOUT = 1.0  # half-close, then read and discard before close; Envoy de
 MAX_DRAIN_BYTES = 256 * 1024  # unread body we discard to keep-alive; Go maxPostHandlerReadBytes
 MAX_LINGER_BYTES = 1024 * 1024  # bytes discarded while lingering before a close
 MAX_REQUESTS_PER_CONNECTION = 1000  # hypercorn keep_alive_max_requests; nginx keepalive_requests
+MAX_CONNECTIONS = 10_000  # open connections per listener; Envoy edge guide listener max_connections
 
 # -- upstream pool ---------------------------------------------------------------------------
 CONNECT_TIMEOUT = 1.0  # linkerd outbound connect timeout
@@ -68,6 +71,7 @@ class ServerLimits:
     max_linger_bytes: int = MAX_LINGER_BYTES
     max_requests_per_connection: int = MAX_REQUESTS_PER_CONNECTION
     max_recv: int = MAX_RECV
+    max_connections: int = MAX_CONNECTIONS  # per listener, enforced by ``server.gated``
 
     def __post_init__(self) -> None:
         _check_positive(self)
@@ -93,3 +97,23 @@ class ClientLimits:
 
 DEFAULT_SERVER_LIMITS = ServerLimits()
 DEFAULT_CLIENT_LIMITS = ClientLimits()
+
+
+def server_limits(overrides: Mapping[str, object], where: str = "limits") -> ServerLimits:
+    """``ServerLimits`` with the fields named in ``overrides`` (e.g. a bootstrap ``[limits]``
+    table: ``{"header_timeout": 2.0, "max_connections": 500}``); ``ConfigError`` naming
+    ``<where>.<field>`` for an unknown field, a wrong type or a value that is not > 0."""
+    known = {f.name: f for f in fields(ServerLimits)}
+    values: dict[str, object] = {}
+    for name, value in overrides.items():
+        f = known.get(name)
+        if f is None:
+            raise ConfigError(f"unknown limit (known: {', '.join(sorted(known))})", field=f"{where}.{name}")
+        ok = isinstance(value, int | float) if f.type == "float" else isinstance(value, int)
+        if not ok or isinstance(value, bool):
+            raise ConfigError(f"must be a number of type {f.type}, got {value!r}", field=f"{where}.{name}")
+        values[name] = value
+    try:
+        return ServerLimits(**values)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, field=f"{where}.{exc.field.rpartition('.')[2]}") from None

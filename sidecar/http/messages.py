@@ -8,7 +8,10 @@ the parser's chunks without copying, treat them as read-only).
 Optional body attributes (a convention between ``server`` and ``client``, read with
 ``body_length`` / ``buffered_body``): ``expected_length: int | None`` is the number of bytes
 the stream will yield if known (``None``: unknown, forwarded chunked); ``buffered: bytes | None``
-is the whole body when it is already in memory and nothing has been read yet.
+is the whole body when it is already in memory and nothing has been read yet;
+``trailers: tuple[tuple[str, str], ...] | None`` is read once the stream is exhausted (response
+trailers, e.g. gRPC's ``grpc-status``; ``body_trailers``), passed on by HTTP/2 and by chunked
+HTTP/1.1 to clients that sent ``TE: trailers``.
 """
 
 from __future__ import annotations
@@ -133,6 +136,12 @@ def buffered_body(body: Body | bytes) -> bytes | None:
         return bytes(body) if isinstance(body, memoryview) else body  # type: ignore[return-value]
     data = getattr(body, "buffered", None)
     return data if isinstance(data, bytes | bytearray) else None
+
+
+def body_trailers(body: Body | bytes) -> tuple[tuple[str, str], ...]:
+    """Trailers of an exhausted stream (its ``trailers`` attribute), else ``()``."""
+    trailers = getattr(body, "trailers", None)
+    return tuple(trailers) if trailers else ()
 
 
 def on_close(resp: Response, callback: Callable[[], None]) -> Response:

@@ -10,7 +10,8 @@ The start line is matched by the regular expressions h11 uses (one space, a toke
 visible-ASCII target, ``HTTP/d.d``; versions other than 1.0/1.1 get 505). llhttp then
 parses the header section in its strict default mode (no ``set_dangerous_leniencies``) behind a
 fixed start line of ours, so methods llhttp does not know (``PURGE``-like extensions) are still
-accepted as h11 accepted them. Then the Host rules of RFC 9112 §3.2 and ``check_framing`` apply.
+accepted as h11 accepted them. Then the Host rules of RFC 9112 §3.2, ``check_framing`` and
+``check_target`` (request-target form, Host syntax, absolute-form authority = Host) apply.
 When llhttp refuses a head whose lines all pass h11's header syntax (llhttp also refuses some
 framing, e.g. two codings), the later checks on a naive split pick the status h11 gave.
 Heads are fed alone, so llhttp never reads a body through them.
@@ -23,7 +24,7 @@ import re
 import httptools
 
 from meshd.errors import RemoteProtocolError
-from sidecar.core.headers import Header, check_framing
+from sidecar.core.headers import Header, check_framing, check_target
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\r\n]*))?\r\n")
@@ -141,11 +142,12 @@ def _refusal(head: bytes, version: str, exc: Exception) -> RemoteProtocolError:
     return RemoteProtocolError(f"malformed head: {exc}", 400)
 
 
-def parse_request_head(head: bytes) -> ParsedRequest:
+def parse_request_head(head: bytes, *, secure: bool = False) -> ParsedRequest:
     """Parse and check a request head (see the module docstring); raises ``RemoteProtocolError``.
 
     A head with several faults gets the status h11 + ``check_framing`` gave it: request line
-    (400), header syntax (400), then ``_check_request``.
+    (400), header syntax (400), then ``_check_request``, then ``check_target`` (target form,
+    Host syntax and agreement; ``secure``: the connection is TLS, so ``https://`` may appear).
     """
     m = _REQUEST_LINE.match(head)
     if m is None:
@@ -157,11 +159,19 @@ def parse_request_head(head: bytes) -> ParsedRequest:
         raise _refusal(head, version, error)
     req = ParsedRequest(m[1].decode("ascii"), m[2].decode("ascii"), version, col.headers)
     req.length, req.chunked = _check_request(version, col.headers, req)
+    check_target(req.method, req.target, _host(col.headers), secure=secure)
     if req.length is None and not req.chunked:
         req.length = 0
     req.expect_100 = req.expect_100 and version == "1.1"
     req.upgrade = req.upgrade or req.method == "CONNECT"
     return req
+
+
+def _host(headers: list[Header]) -> str | None:
+    for name, value in headers:
+        if name == "host":
+            return value
+    return None
 
 
 def parse_response_head(head: bytes) -> ParsedResponse:

@@ -6,9 +6,11 @@ Per request, in a keep-alive loop::
     read the whole head        header_timeout from that byte -> 408; > max_headers_bytes -> 431
     check_raw_head             obs-fold, bare CR/LF, control bytes, duplicate CL, > 100 lines
     parse_request_head         llhttp (strict) + h11's start-line rules + check_framing: CL+TE,
-                               TE on 1.0, TE != chunked (501), Host missing or repeated, 505
+                               TE on 1.0, TE != chunked (501), Host missing or repeated, 505;
+                               check_target: target form, Host syntax, absolute-form = Host
     decode received body bytes bad chunk framing -> 400 before the handler runs
-    handler(head, body, info)  MeshError.status -> that status; anything else -> 500 + close
+    handler(head, body, info)  MeshError.status -> that status; anything else -> 500 + close;
+                               bad body framing met while it read -> 400 + close regardless
     write the response         bytes body: one send_all; stream: one send_all per chunk
     finish the request body    drain <= max_drain_bytes within drain_timeout, else close
 
@@ -21,13 +23,18 @@ on one cancel scope per connection (cheaper than a scope per operation): idle, h
 response half-closes and reads for ``linger_timeout`` (nginx's lingering close), so unread
 request bytes do not turn into a TCP RST that destroys the response. Peer misbehaviour never
 escapes ``serve_http1``; ``trio.Cancelled`` does. CONNECT and Upgrade requests are answered
-like any other and the connection closes after the response (no protocol switch).
+like any other and the connection closes after the response, unless the handler returns a
+``TunnelResponse`` (``sidecar.http.upgrade``): then the connection is handed to its tunnel.
+``gated(ConnectionGate(limits.max_connections), serve)`` caps a listener's open connections.
+Every limit and the attack it answers: ``docs/security.md``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -41,10 +48,11 @@ from sidecar.core.headers import (
 from sidecar.http.bodies import RequestBody
 from sidecar.http.decoders import ChunkedDecoder, LengthDecoder
 from sidecar.http.limits import DEFAULT_SERVER_LIMITS, ServerLimits
-from sidecar.http.messages import Body, ConnInfo, Handler, RequestHead, Response
+from sidecar.http.messages import Body, ConnInfo, Handler, RequestHead, Response, body_trailers
 from sidecar.http.parser import parse_request_head
 from sidecar.http.replies import PHRASES, error_response, raw_error, response_framing
 from sidecar.http.replies import simple_response as simple_response
+from sidecar.http.upgrade import TunnelResponse, switch_head, upgrade_token
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 _KEEP, _CLOSE, _GONE = "keep", "close", "gone"  # outcome of one request cycle
 _IDLE, _HEAD, _BUSY = "idle", "head", "busy"  # what a fired deadline means: quiet close / 408 / close
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+S = TypeVar("S", bound=trio.abc.AsyncResource)
 
 
 async def serve_http1(
@@ -75,6 +84,47 @@ async def serve_http1(
     finally:
         with trio.move_on_after(limits.linger_timeout):
             await stream.aclose()
+
+
+class ConnectionGate:
+    """The open-connection cap of one listener (Envoy's listener ``max_connections``, edge
+    guide 10 000): ``admit`` says whether one more connection may be served. ``open`` is the
+    number served now, ``refused`` counts the connections closed unserved."""
+
+    __slots__ = ("limit", "open", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+
+    def admit(self) -> bool:
+        """Take a slot (True) or count a refusal (False); pair a True with ``release``."""
+        if self.open >= self.limit:
+            self.refused += 1
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+def gated(gate: ConnectionGate, serve: Callable[[S], Awaitable[None]]) -> Callable[[S], Awaitable[None]]:
+    """Wrap a ``trio.serve_tcp`` connection handler: over ``gate.limit`` open connections a new
+    one is closed at once, before any byte is read or a TLS handshake starts (the client sees
+    EOF or a reset); connections already being served keep working."""
+
+    async def serve_gated(stream: S) -> None:
+        if not gate.admit():
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await serve(stream)
+        finally:
+            gate.release()
+
+    return serve_gated
 
 
 async def receive_head(
@@ -123,6 +173,7 @@ class _Downstream:
         self._phase = _IDLE
         self._responding = False  # response bytes may be on the wire for the current request
         self._sent_100 = False
+        self._secure = isinstance(stream, trio.SSLStream)  # https:// targets allowed
 
     def _arm(self, phase: str, seconds: float) -> None:
         self._phase = phase
@@ -152,8 +203,11 @@ class _Downstream:
         raw = await self._read_head()
         if raw is None:
             return _GONE
-        req = parse_request_head(raw)
-        headers, tokens = split_hop_by_hop(req.headers)
+        req = parse_request_head(raw, secure=self._secure)
+        headers, tokens = split_hop_by_hop(req.headers, keep_te_trailers=True)
+        if req.upgrade and "upgrade" in tokens and req.method != "CONNECT":  # see http/upgrade.py
+            token = upgrade_token(req.headers)
+            headers = (*headers, ("upgrade", token)) if token else headers
         keep_alive = req.version == "1.1" and "close" not in tokens and not req.upgrade
         lim = self._limits
         decoder = ChunkedDecoder(lim.max_headers_bytes) if req.chunked else LengthDecoder(req.length or 0)
@@ -163,6 +217,12 @@ class _Downstream:
         self._served += 1
         self._responding = self._sent_100 = False
         response = await self._call(head, body)
+        if isinstance(response, TunnelResponse) and response.tunnel is not None:
+            return await self._switch(response)
+        if body.error is not None:  # bad body framing, maybe mapped to a 5xx by a proxy: 400
+            if response.aclose is not None:
+                await response.aclose()
+            raise body.error
         unread = not decoder.done
         waiting_100 = body.waiting_100 and not self._sent_100
         drainable = body.drainable(lim.max_drain_bytes)
@@ -172,6 +232,21 @@ class _Downstream:
         if unread and not await self._drain(body):
             return _CLOSE
         return _KEEP
+
+    async def _switch(self, response: TunnelResponse) -> str:
+        """Send the head that switches protocols, then hand the connection (and the bytes read
+        past the request head) to ``response.tunnel``; the connection ends with it."""
+        try:
+            data = switch_head(response)
+            self._responding = True
+            await self._send(data)
+            self._phase, self._scope.deadline = _BUSY, math.inf
+            rest, self.buf = bytes(self.buf), bytearray()
+            await response.tunnel(self._stream, rest)  # type: ignore[misc]
+        finally:
+            if response.aclose is not None:
+                await response.aclose()
+        return _GONE
 
     async def _read_head(self) -> bytes | None:
         """The next request's head, complete and checked; None if the peer left. The bytes
@@ -277,10 +352,13 @@ class _Downstream:
             await self._send(data if no_body or not body else data + body)  # type: ignore[operator]
             return not close
         await self._send(data)
-        return await self._stream_body(body, length, chunked) and not close  # type: ignore[arg-type]
+        trailers = chunked and request.header("te") == "trailers"  # the client accepts trailers
+        return await self._stream_body(body, length, chunked, trailers) and not close  # type: ignore[arg-type]
 
-    async def _stream_body(self, body: Body, length: int | None, chunked: bool) -> bool:
-        """Send ``body`` chunk by chunk; False if it did not match ``length``."""
+    async def _stream_body(self, body: Body, length: int | None, chunked: bool,
+                           trailers: bool = False) -> bool:
+        """Send ``body`` chunk by chunk; False if it did not match ``length``. ``trailers``:
+        the body's trailers (``messages.body_trailers``) go in the last chunk (RFC 9112 §7.1.2)."""
         sent = 0
         async for chunk in body:
             if not chunk:
@@ -290,7 +368,7 @@ class _Downstream:
                 return False
             await self._send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
         if chunked:
-            await self._send(b"0\r\n\r\n")
+            await self._send(b"0\r\n" + (_trailer_block(body_trailers(body)) if trailers else b"") + b"\r\n")
         return length is None or sent == length
 
     async def _drain(self, body: RequestBody) -> bool:
@@ -315,7 +393,7 @@ class _Downstream:
 
     async def _send_error(self, exc: ProtocolError) -> None:
         status = exc.status_hint if isinstance(exc, RemoteProtocolError) else 500
-        if status >= 500:
+        if not isinstance(exc, RemoteProtocolError):  # hostile input (501, 505 too) is no error
             log.error("closing connection from %s: %s", self._info.peer, exc)
         else:
             log.debug("rejected request from %s: %d %s", self._info.peer, status, exc)
@@ -340,3 +418,11 @@ class _Downstream:
                     left -= len(data)
             except _PEER_GONE:
                 pass
+
+
+def _trailer_block(trailers: tuple[tuple[str, str], ...]) -> bytes:
+    """Trailer fields as HTTP/1.1 lines; fields that could split the message are dropped."""
+    lines = [f"{name}: {value}\r\n" for name, value in trailers
+             if name.isascii() and " " not in name and ":" not in name
+             and not any(c in value or c in name for c in "\r\n\x00")]
+    return "".join(lines).encode("latin-1", "replace")

@@ -35,7 +35,15 @@ from meshd.errors import IdentityError
 from sidecar.http.client import Connect
 from sidecar.identity.certs import Credentials, fail, key_pem, spiffe_id_of
 
-ALPN_PROTOCOLS: tuple[str, ...] = ("http/1.1",)  # add "h2" when the HTTP/2 listener lands
+ALPN_H2 = "h2"  # RFC 9113 §3.2: HTTP/2 over TLS
+ALPN_HTTP1 = "http/1.1"
+# What the inbound (server side) accepts, in its order of preference (OpenSSL picks the server's
+# first match). Other protocols append here (e.g. a TCP tunnel id). A client offers only the
+# protocol it will speak (``TlsContexts.client_for``), so the server's order never switches an
+# HTTP/1.1 pool to HTTP/2.
+ALPN_TCP = "meshd-tcp"  # opaque TCP between sidecars: the inbound pumps bytes to the app
+ALPN_PROTOCOLS: tuple[str, ...] = (ALPN_H2, ALPN_HTTP1, ALPN_TCP)
+CLIENT_ALPN: tuple[str, ...] = (ALPN_HTTP1,)  # offered by ``TlsContexts.client`` (the HTTP/1.1 pool)
 # Go's http.DefaultTransport TLSHandshakeTimeout is 10 s; hypercorn's 60 s serves internet
 # clients. Peers here are sidecars one LAN RTT away (1-RTT TLS 1.3 + two ECDSA signatures, a few
 # ms), so 10 s only ever fires on a stalled peer, and frees its socket 6x sooner than 60 s.
@@ -67,6 +75,7 @@ class TlsContexts:
 
     def __init__(self, creds: Credentials | None = None) -> None:
         self._pair: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
+        self._clients: dict[tuple[str, ...], ssl.SSLContext] = {}  # per ALPN offer (client_for)
         self.creds: Credentials | None = None
         self.swaps = self.handshakes = self.handshake_failures = self.identity_failures = 0
         self.plaintext_refused = self.plaintext_accepted = 0
@@ -81,11 +90,23 @@ class TlsContexts:
     def server(self) -> ssl.SSLContext | None:
         return self._pair[1] if self._pair else None
 
+    def client_for(self, alpn: tuple[str, ...]) -> ssl.SSLContext | None:
+        """A client context of the current credentials offering exactly ``alpn`` (e.g.
+        ``("h2",)``), built once per credentials; None before the first ``update``."""
+        if self._pair is None or self.creds is None:
+            return None
+        if alpn == CLIENT_ALPN:
+            return self._pair[0]
+        ctx = self._clients.get(alpn)
+        if ctx is None:
+            ctx = self._clients[alpn] = build_contexts(self.creds, alpn)[0]
+        return ctx
+
     def update(self, creds: Credentials) -> None:
         """Build new contexts from ``creds``, then swap them in; raises IdentityError (and keeps
         the old contexts) if OpenSSL refuses the key/certificate/bundle."""
         pair = build_contexts(creds)
-        self._pair, self.creds = pair, creds
+        self._pair, self.creds, self._clients = pair, creds, {}
         self.swaps += 1
 
     def statistics(self) -> TlsStatistics:
@@ -95,15 +116,20 @@ class TlsContexts:
                              self.plaintext_refused, self.plaintext_accepted)
 
 
-def build_contexts(creds: Credentials) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """``(client, server)`` contexts for ``creds``; raises IdentityError (``key-mismatch``,
-    ``malformed``) when OpenSSL refuses them."""
+def build_contexts(creds: Credentials, client_alpn: tuple[str, ...] = CLIENT_ALPN,
+                   ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """``(client, server)`` contexts for ``creds``, the client offering ``client_alpn``, the
+    server accepting ``ALPN_PROTOCOLS``; raises IdentityError (``key-mismatch``, ``malformed``)
+    when OpenSSL refuses them."""
     pair = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    for ctx in pair:
+    for ctx, alpn in zip(pair, (client_alpn, ALPN_PROTOCOLS), strict=True):
         ctx.check_hostname = False  # identity is the SPIFFE URI SAN, checked after the handshake
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+        # a TCP FIN under TLS reads as EOF, not as a broken stream: a TCP tunnel half-closes
+        # that way and keeps sending the other direction (trio.SSLStream has no send_eof)
+        ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+        ctx.set_alpn_protocols(list(alpn))
         try:
             ctx.load_verify_locations(cadata="\n".join(creds.bundle))
         except (ssl.SSLError, ValueError) as exc:
@@ -175,14 +201,17 @@ async def _handshake(tls: trio.SSLStream[trio.abc.Stream], ctxs: TlsContexts, pe
 
 
 async def connect_mtls(ctxs: TlsContexts, host: str, port: int, expected_id: str | None,
-                       connect_timeout: float = HANDSHAKE_TIMEOUT) -> trio.SSLStream[trio.abc.Stream]:
+                       connect_timeout: float = HANDSHAKE_TIMEOUT,
+                       alpn: tuple[str, ...] | None = None) -> trio.SSLStream[trio.abc.Stream]:
     """TCP connect + TLS handshake to ``host:port`` within ``connect_timeout`` s, then require
     the peer's SPIFFE ID to be ``expected_id`` (``None``/``ANY_IDENTITY``: any mesh identity).
+    ``alpn``: the protocols to offer (default ``CLIENT_ALPN``); the caller reads the choice with
+    ``selected_alpn_protocol()`` (None when the server chose none).
 
     Nothing is sent before the identity check. Raises OSError (refused/unreachable),
     trio.TooSlowError (timeout), IdentityError (no certificate yet, peer certificate refused,
     wrong identity), trio.BrokenResourceError (other handshake failures)."""
-    ctx = ctxs.client
+    ctx = ctxs.client if alpn is None else ctxs.client_for(alpn)
     if ctx is None:
         raise fail("no-certificate", "no workload certificate yet: cannot open mTLS connections")
     with trio.fail_after(connect_timeout):
@@ -200,15 +229,17 @@ async def connect_mtls(ctxs: TlsContexts, host: str, port: int, expected_id: str
 
 
 def connector(ctxs: TlsContexts, identity_of: Callable[[str, int], str | None], *,
-              connect_timeout: float = HANDSHAKE_TIMEOUT) -> Connect:
+              connect_timeout: float = HANDSHAKE_TIMEOUT, alpn: tuple[str, ...] | None = None,
+              ) -> Connect:
     """The ``UpstreamPool(connect=…)`` seam: ``identity_of(host, port)`` gives the SPIFFE ID the
-    endpoint must present (``ANY_IDENTITY`` for any), or ``None`` to connect in plain text."""
+    endpoint must present (``ANY_IDENTITY`` for any), or ``None`` to connect in plain text.
+    ``alpn``: protocols offered on mTLS connections (``connect_mtls``)."""
 
     async def connect(host: str, port: int) -> trio.abc.Stream:
         want = identity_of(host, port)
         if want is None:
             return await trio.open_tcp_stream(host, port)
-        return await connect_mtls(ctxs, host, port, want, connect_timeout)
+        return await connect_mtls(ctxs, host, port, want, connect_timeout, alpn)
 
     return connect
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from meshd.errors import MeshError
 from sidecar.bootstrap import Bootstrap
-from sidecar.http.messages import Response, ResponseHead, on_close
+from sidecar.http.messages import Response, ResponseHead, body_trailers, on_close
+from sidecar.http2.grpc import grpc_status_of
 from sidecar.metrics import UNKNOWN, Peer
 
 PEER_HEADER = "x-meshd-peer"
@@ -49,7 +50,16 @@ def error_response(exc: MeshError) -> Response:
                        str(getattr(exc, "response_flag", "-")))
 
 
-def observed(resp: Response, record: Callable[[int], None]) -> Response:
-    """``record(status)`` exactly once when the exchange ends (metrics)."""
+def observed(resp: Response, record: Callable[[int, str], None]) -> Response:
+    """``record(status, grpc_status)`` exactly once when the exchange ends (metrics);
+    ``grpc_status`` from the head (trailers-only) or the trailers, ``"-"`` if not gRPC."""
     status = resp.head.status
-    return on_close(resp, lambda: record(status))
+    return on_close(resp, lambda: record(status, grpc_status_label(resp)))
+
+
+def grpc_status_label(resp: Response) -> str:
+    """The ``grpc_response_status`` metric label of ``resp``."""
+    code = grpc_status_of(resp.head.headers)
+    if code is None:
+        code = grpc_status_of(body_trailers(resp.body))
+    return "-" if code is None else str(code)

@@ -33,11 +33,14 @@ from meshd.errors import (
 from meshd.snapshot.model import Endpoint, RetryPolicy
 from sidecar.core.balancer import Key, key
 from sidecar.core.retry import Failure, backoff, may_retry_request, retriable
+from sidecar.http.bodies import RecordingBody
 from sidecar.http.client import UpstreamPool
 from sidecar.http.messages import Body, RequestHead, Response, on_close
+from sidecar.http2.grpc import grpc_status_of
 from sidecar.proxy.clusters import ClusterRuntime
 
 DEFAULT_ROUTE_TIMEOUT = 15.0  # seconds; Envoy route timeout default
+REPLAY_LIMIT = 64 * 1024  # bytes of a streamed body kept for a retry (outbound REPLAY_BUFFER_BYTES)
 DEFAULT_RETRY = RetryPolicy(attempts=2, retry_on=("connect-failure", "refused-stream"))  # Istio
 
 
@@ -84,20 +87,24 @@ class Forwarder:
             finally:
                 if retrying:
                     rt.breaker.finish_retry()
-            if result.response is not None and result.failure is None and not retriable(
-                    policy, status=result.response.head.status):
+            if result.response is not None and result.failure is None and not retriable_outcome(
+                    policy, result):
                 return result.response, result.endpoint  # type: ignore[return-value]
             last = result
             sent = result.failure != "connect-failure"
-            replayable = isinstance(body, bytes | bytearray) or not sent
+            replayable = (isinstance(body, bytes | bytearray) or not sent
+                          or (isinstance(body, RecordingBody) and body.replayable))
             if (n == policy.attempts or (result.error is not None and result.failure is None)
-                    or not may_retry_request(policy, head.method, replayable, request_sent=sent)
+                    or not (may_retry_request(policy, head.method, replayable, request_sent=sent)
+                            or (replayable and _grpc_status(result) is not None))
                     or not retriable_outcome(policy, result)
                     or not rt.breaker.try_start_retry()):
                 break
             retrying = True
             if result.response is not None:
                 await _discard(result.response)
+            if isinstance(body, RecordingBody):  # what the attempt read, then the rest
+                body = RecordingBody(body.replay(), REPLAY_LIMIT)
         return _outcome(last)
 
     async def _one(self, rt: ClusterRuntime, head: RequestHead, body: Body | bytes,
@@ -184,7 +191,14 @@ class Forwarder:
 def retriable_outcome(policy: RetryPolicy, result: Attempt) -> bool:
     if result.failure is not None:
         return retriable(policy, failure=result.failure)
-    return result.response is not None and retriable(policy, status=result.response.head.status)
+    return result.response is not None and retriable(
+        policy, status=result.response.head.status, grpc_status=_grpc_status(result))
+
+
+def _grpc_status(result: Attempt) -> int | None:
+    """``grpc-status`` of a trailers-only gRPC answer (Envoy's x-envoy-retry-grpc-on input).
+    A gRPC condition the rule names is an explicit opt-in: it retries any method (gRPC is POST)."""
+    return grpc_status_of(result.response.head.headers) if result.response is not None else None
 
 
 def _name(ep: Endpoint) -> str:

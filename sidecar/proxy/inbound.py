@@ -14,15 +14,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from meshd.errors import MeshError
 from sidecar.bootstrap import Bootstrap
 from sidecar.core.authz import Authorizer, AuthzRequest, normalize_path
 from sidecar.http.client import UpstreamPool
 from sidecar.http.messages import Body, ConnInfo, RequestHead, Response
+from sidecar.http2.grpc import grpc_local_reply
 from sidecar.identity.agent import IdentityAgent
 from sidecar.metrics import Metrics, Peer
-from sidecar.proxy.common import PEER_HEADER, error_response, local_reply, observed, parse_peer
+from sidecar.proxy.common import (
+    PEER_HEADER,
+    error_response,
+    grpc_status_label,
+    local_reply,
+    observed,
+    parse_peer,
+)
 from sidecar.state import Applied, State
 
 log = logging.getLogger("sidecar.inbound")
@@ -45,6 +54,8 @@ class Inbound:
         self._authz: tuple[Applied | None, Authorizer] = (None, Authorizer((), boot.service))
         self.me = Peer(workload=boot.service, namespace=boot.namespace, app=boot.service,
                        version=boot.labels.get("version", "unknown"), principal=boot.spiffe_id)
+        # Upgrade requests (WebSocket): (app address, app port, head) -> 101 tunnel or answer
+        self.upgrade: Callable[[str, int, RequestHead], Awaitable[Response]] | None = None
 
     async def handle(self, head: RequestHead, body: Body, info: ConnInfo) -> Response:
         start = time.perf_counter()
@@ -58,12 +69,16 @@ class Inbound:
         out = head.replace(target=_normalized(head.path),
                            headers=tuple(h for h in head.headers if h[0] != PEER_HEADER))
         try:
-            resp = await self.pool.request(self.boot.app_address, self.boot.app_port, out, body)
+            if self.upgrade is not None and out.header("upgrade") is not None:
+                resp = await self.upgrade(self.boot.app_address, self.boot.app_port, out)
+            else:
+                resp = await self.pool.request(self.boot.app_address, self.boot.app_port, out, body)
         except MeshError as exc:
-            resp = error_response(exc)
-            self._observe(source, resp.head.status, getattr(exc, "response_flag", "-"), start)
+            resp = grpc_local_reply(head, error_response(exc))
+            self._observe(source, resp.head.status, getattr(exc, "response_flag", "-"), start,
+                          grpc_status_label(resp))
             return resp
-        return observed(resp, lambda code: self._observe(source, code, "-", start))
+        return observed(resp, lambda code, grpc: self._observe(source, code, "-", start, grpc))
 
     def _authorizer(self) -> Authorizer:
         applied = self.state.applied if self.state is not None else None
@@ -105,7 +120,7 @@ class Inbound:
             self.me = dataclasses.replace(self.me, principal=creds.spiffe_id)
         return self.me
 
-    def _observe(self, source: Peer, code: int, flags: str, start: float) -> None:
+    def _observe(self, source: Peer, code: int, flags: str, start: float, grpc: str = "-") -> None:
         self.metrics.observe(reporter="destination", source=source, destination=self._me(),
                              service=self.boot.service, code=code, flags=flags,
-                             millis=(time.perf_counter() - start) * 1000)
+                             millis=(time.perf_counter() - start) * 1000, grpc_status=grpc)

@@ -48,8 +48,9 @@ class MeshIdentities:
         return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service}"
 
 
-def mesh_connector(ctxs: TlsContexts, identity_of: Callable[[str, int], str | None]) -> Connect:
-    inner = connector(ctxs, identity_of)
+def mesh_connector(ctxs: TlsContexts, identity_of: Callable[[str, int], str | None],
+                   alpn: tuple[str, ...] | None = None) -> Connect:
+    inner = connector(ctxs, identity_of, alpn=alpn)
 
     async def connect(host: str, port: int) -> trio.abc.Stream:
         try:

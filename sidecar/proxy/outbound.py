@@ -40,11 +40,20 @@ from sidecar.core.rewrite import (
     rewrite_path,
 )
 from sidecar.core.router import EgressTarget, MeshTarget, RequestInfo, split_authority
+from sidecar.http.bodies import RecordingBody
 from sidecar.http.client import UpstreamPool
-from sidecar.http.messages import Body, ConnInfo, RequestHead, Response, body_length
+from sidecar.http.messages import Body, ConnInfo, Handler, RequestHead, Response, body_length
+from sidecar.http2.grpc import grpc_local_reply, grpc_reply, grpc_timeout, is_grpc
 from sidecar.metrics import Metrics, Peer
 from sidecar.proxy.clusters import ClusterRuntimes
-from sidecar.proxy.common import PEER_HEADER, error_response, local_reply, observed, peer_header_value
+from sidecar.proxy.common import (
+    PEER_HEADER,
+    error_response,
+    grpc_status_label,
+    local_reply,
+    observed,
+    peer_header_value,
+)
 from sidecar.proxy.forward import Forwarder
 from sidecar.proxy.global_limits import GlobalLimits
 from sidecar.proxy.mirror import Mirror
@@ -78,6 +87,7 @@ class Outbound:
         self.me = Peer(workload=boot.service, namespace=boot.namespace, app=boot.service,
                        version=boot.labels.get("version", "unknown"), principal=boot.spiffe_id)
         self._peer_value = peer_header_value(boot)
+        self.tunnel_handler: Handler | None = None  # CONNECT and Upgrade requests (proxy.tunnels)
 
     def _applied(self) -> Applied:
         applied = self.state.applied
@@ -97,6 +107,9 @@ class Outbound:
             self._applied()
 
     async def handle(self, head: RequestHead, body: Body, info: ConnInfo) -> Response:
+        if self.tunnel_handler is not None and (head.method == "CONNECT"
+                                                or head.header("upgrade") is not None):
+            return await self.tunnel_handler(head, body, info)
         start = time.perf_counter()
         host = split_authority(head.authority)[0] if head.authority else "unknown"
         dest, flags = Peer(app=host, workload=host), "-"
@@ -109,15 +122,17 @@ class Outbound:
             else:
                 resp, dest, flags = await self._to_mesh(target, head, body, info)
         except MeshError as exc:
-            resp = error_response(exc)
+            resp = grpc_local_reply(head, error_response(exc))  # gRPC callers get a grpc-status
             flags = getattr(exc, "response_flag", "-")
-            self._observe(dest, host, resp.head.status, flags, start)
+            self._observe(dest, host, resp.head.status, flags, start, grpc_status_label(resp))
             return resp
-        return observed(resp, lambda code: self._observe(dest, host, code, flags, start))
+        return observed(resp, lambda code, grpc: self._observe(dest, host, code, flags, start, grpc))
 
-    def _observe(self, dest: Peer, host: str, code: int, flags: str, start: float) -> None:
+    def _observe(self, dest: Peer, host: str, code: int, flags: str, start: float,
+                 grpc: str = "-") -> None:
         self.metrics.observe(reporter="source", source=self.me, destination=dest, service=host,
-                             code=code, flags=flags, millis=(time.perf_counter() - start) * 1000)
+                             code=code, flags=flags, millis=(time.perf_counter() - start) * 1000,
+                             grpc_status=grpc)
 
     def _out_head(self, head: RequestHead) -> RequestHead:
         headers = [(k, v) for k, v in head.headers if k != PEER_HEADER]
@@ -144,15 +159,21 @@ class Outbound:
             flags = "DI"
         if fault.abort_status is not None:
             return local_reply(fault.abort_status, "fault filter abort", "FI"), Peer(), "FI"
+        if fault.abort_grpc_status is not None:
+            return grpc_reply(fault.abort_grpc_status, "fault filter abort",
+                              (("x-meshd-response-flags", "FI"),)), Peer(), "FI"
         out = self._rewrite(route, self._out_head(head))
         payload = await _buffer_small(body)
+        if route.retry is not None and not isinstance(payload, bytes) and is_grpc(head):
+            payload = RecordingBody(payload, REPLAY_BUFFER_BYTES)  # streamed, replayable if small
         self._maybe_mirror(route, out, payload)
         rt = self.runtimes.get(target.cluster)
         if rt is None:
             raise NoHealthyUpstream(f"unknown cluster {target.cluster}")
         resp, ep = await self.forwarder.forward(
             rt, out.replace(headers=(*out.headers, (PEER_HEADER, self._peer_value))), payload,
-            timeout=route.timeout, retry=route.retry, hash_key=self._hash_key(rt, head, info))
+            timeout=_deadline(route.timeout, head), retry=route.retry,
+            hash_key=self._hash_key(rt, head, info))
         return _with_response_ops(resp, route), _peer_of(ep, target.host), flags
 
     def _rate_limit(self, target: MeshTarget, head: RequestHead) -> Response | None:
@@ -222,6 +243,14 @@ class Outbound:
             except UpstreamConnectError as exc:
                 last = exc
         raise last
+
+
+def _deadline(route_timeout: float | None, head: RequestHead) -> float | None:
+    """The route timeout, shortened to the caller's ``grpc-timeout`` (gRPC deadline)."""
+    grpc = grpc_timeout(head.header("grpc-timeout"))
+    if grpc is None:
+        return route_timeout
+    return grpc if route_timeout is None else min(route_timeout, grpc)
 
 
 async def _buffer_small(body: Body) -> Body | bytes:

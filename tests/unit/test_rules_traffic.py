@@ -177,7 +177,8 @@ BAD_FILES: list[tuple[str, str, list[str]]] = [
         [
             f'r.toml:6: {H}.retries.retry_on: unknown retry_on condition "gateway-eror", '
             "expected a comma list of: 5xx, gateway-error, reset, connect-failure, "
-            "refused-stream, retriable-4xx, retriable-status-codes"
+            "refused-stream, retriable-4xx, retriable-status-codes, cancelled, deadline-exceeded, "
+            "resource-exhausted, internal, unavailable"
         ],
     ),
     (

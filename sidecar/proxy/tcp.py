@@ -1,0 +1,161 @@
+"""TCP proxying: app -> (tcp route, endpoint) -> mTLS "meshd-tcp" -> peer inbound -> its app.
+
+Outbound (``TcpProxy.proxy``): ``core.tcp_routes`` picks the cluster (weighted tcp routes of the
+host, else its default cluster; egress rules for hosts outside the mesh), the cluster runtime
+picks an endpoint (health checks, outlier ejection, load balancer — the same as HTTP), and the
+connection to the peer's inbound listener is mTLS offering only ALPN ``meshd-tcp`` and checked
+against the endpoint's SPIFFE ID. A failed connect (refused, timeout, TLS/identity) counts as a
+local-origin failure for outlier detection and the next endpoint is tried, up to
+``TCP_CONNECT_ATTEMPTS`` (nothing was sent yet). Times come from the destination rule's
+``connection_pool``: ``connect_timeout`` per attempt and ``idle_timeout`` for the pump.
+
+Inbound (``TcpProxy.serve_inbound``): a connection whose ALPN is ``meshd-tcp`` (or plain text to
+an app declared ``app_protocol = "tcp"``) is authorized as TCP (Istio: HTTP-only conditions
+never match) and pumped to ``app_address:app_port``; denied -> closed.
+
+When a connection cannot be routed (no route, denied egress, no healthy endpoint, every connect
+failed) the downstream is closed with a reset, as Envoy's tcp_proxy does; the reason is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from meshd.errors import MeshError, NoHealthyUpstream, UpstreamConnectError
+from sidecar.core.authz import Authorizer, AuthzRequest
+from sidecar.core.balancer import Key, key
+from sidecar.core.router import EgressTarget, split_authority
+from sidecar.core.tcp_routes import TcpRouter
+from sidecar.http.messages import ConnInfo
+from sidecar.identity.tls import ALPN_TCP, TlsContexts, connect_mtls
+from sidecar.proxy.outbound import Outbound
+from sidecar.proxy.pump import DEFAULT_IDLE_TIMEOUT, PumpResult, abort, pump
+from sidecar.state import Applied
+
+log = logging.getLogger("sidecar.tcp")
+TCP_CONNECT_ATTEMPTS = 3  # endpoints tried per connection: Istio's default retries connect failures twice
+DEFAULT_CONNECT_TIMEOUT = 1.0  # seconds; egress and the local app (mesh clusters use their own)
+_CONNECT_ERRORS = (OSError, trio.BrokenResourceError, trio.TooSlowError, MeshError)
+
+
+class TcpProxy:
+    def __init__(self, outbound: Outbound, ctxs: TlsContexts | None,
+                 authorizer: Callable[[], Authorizer] | None = None) -> None:
+        self.outbound = outbound
+        self.boot = outbound.boot
+        self.ctxs = ctxs
+        self.authorizer = authorizer
+        self._cached: tuple[Applied | None, TcpRouter | None] = (None, None)
+
+    def router(self) -> TcpRouter:
+        """The TCP router of the applied snapshot; NoHealthyUpstream before the first one."""
+        applied = self.outbound.state.applied
+        if applied is None:
+            raise NoHealthyUpstream("no snapshot applied yet")
+        if applied is not self._cached[0]:
+            self._cached = (applied, TcpRouter(applied.snapshot))
+        router = self._cached[1]
+        assert router is not None
+        return router
+
+    def protocol(self, host: str) -> str:
+        """Declared protocol of ``host`` (``""``: undeclared or no snapshot yet)."""
+        try:
+            return self.router().protocol(host)
+        except MeshError:
+            return ""
+
+    async def proxy(self, downstream: trio.abc.Stream, host: str, port: int) -> PumpResult | None:
+        """Route ``downstream`` to ``host:port`` and pump until both sides are done; None (and
+        the downstream reset) when no upstream connection could be made."""
+        try:
+            upstream, idle = await self.connect(host.lower(), port)
+        except MeshError as exc:
+            log.info("tcp %s:%d: %s (flag %s)", host, port, exc, getattr(exc, "response_flag", "-"))
+            await abort(downstream)
+            return None
+        result = await pump(downstream, upstream, idle_timeout=idle)
+        log.debug("tcp %s:%d done: %s", host, port, result)
+        return result
+
+    async def connect(self, host: str, port: int) -> tuple[trio.abc.Stream, float]:
+        """An upstream stream for ``host:port`` and the idle timeout to apply; raises MeshError."""
+        target = self.router().resolve(host, port)
+        if isinstance(target, EgressTarget):
+            addrs = [split_authority(e) for e in target.endpoints] or [(target.host, target.port)]
+            stream = await _first_connect(addrs[:TCP_CONNECT_ATTEMPTS], DEFAULT_CONNECT_TIMEOUT)
+            return stream, DEFAULT_IDLE_TIMEOUT
+        self.outbound.sync()
+        rt = self.outbound.runtimes.get(target.cluster)
+        if rt is None:
+            raise NoHealthyUpstream(f"unknown cluster {target.cluster}")
+        tried: set[Key] = set()
+        last: Exception = NoHealthyUpstream(f"no healthy endpoint in {target.cluster}")
+        for _ in range(TCP_CONNECT_ATTEMPTS):
+            now = trio.current_time()
+            ep = rt.pick(now, None, tried)
+            if ep is None or key(ep) in tried:
+                break
+            tried.add(key(ep))
+            try:
+                stream = await self._connect_peer(ep.address, ep.port, rt.cluster.connect_timeout)
+            except _CONNECT_ERRORS as exc:
+                rt.record(ep, trio.current_time(), local_failure=True)
+                last = exc
+                continue
+            rt.record(ep, trio.current_time(), status=200)
+            return stream, rt.cluster.idle_timeout
+        if isinstance(last, MeshError) and not isinstance(last, UpstreamConnectError):
+            raise last
+        raise UpstreamConnectError(f"tcp connect to {target.cluster}: {last!r}")
+
+    async def _connect_peer(self, host: str, port: int, timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
+        identities = self.outbound.identities
+        want = identities.identity_of(host, port) if identities is not None else None
+        if want is None or self.ctxs is None:  # no certificate yet: plain text (PERMISSIVE peers)
+            with trio.fail_after(timeout):
+                return await trio.open_tcp_stream(host, port)
+        tls = await connect_mtls(self.ctxs, host, port, want, timeout, (ALPN_TCP,))
+        if tls.selected_alpn_protocol() != ALPN_TCP:  # an older peer would serve HTTP on it
+            await trio.aclose_forcefully(tls)
+            raise UpstreamConnectError(f"{host}:{port} did not accept ALPN {ALPN_TCP}")
+        return tls
+
+    async def serve_inbound(self, stream: trio.abc.Stream, info: ConnInfo) -> PumpResult | None:
+        """Authorize (TCP) and pump ``stream`` to the local app; None if refused or unreachable."""
+        if self.authorizer is not None:
+            authorizer = self.authorizer()
+            if not authorizer.empty:
+                req = AuthzRequest(principal=info.principal,
+                                   source_ip=info.peer[0] if info.peer else "", method="", path="",
+                                   port=info.local[1] if info.local else self.boot.inbound_port,
+                                   tcp=True)
+                decision = authorizer.decide(req)
+                if not decision.allowed:
+                    log.warning("tcp from %s denied by %s", req.principal or req.source_ip,
+                                decision.policy or "default-deny")
+                    await abort(stream)
+                    return None
+        try:
+            app = await _first_connect([(self.boot.app_address, self.boot.app_port)],
+                                       DEFAULT_CONNECT_TIMEOUT)
+        except UpstreamConnectError as exc:
+            log.info("tcp from %s: local app: %s", info.peer, exc)
+            await abort(stream)
+            return None
+        return await pump(stream, app)
+
+
+async def _first_connect(addrs: list[tuple[str, int]], timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
+    """The first of ``addrs`` that accepts a TCP connection within ``timeout`` s each."""
+    last: Exception | None = None
+    for host, port in addrs:
+        try:
+            with trio.fail_after(timeout):
+                return await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            last = exc
+    raise UpstreamConnectError(f"tcp connect to {addrs}: {last!r}")

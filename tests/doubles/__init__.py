@@ -1,0 +1,1 @@
+"""API doubles: real HTTP servers on loopback implementing the documented registry semantics."""
