@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 STAMP = VENV / ".installed"
+TEST_WORKERS = os.environ.get("MESHD_TEST_WORKERS", "2")  # the suite takes ~12 min on one 2-vCPU worker
 
 
 def ensure_venv() -> None:
@@ -46,7 +47,8 @@ def main() -> int:
     if cmd == "demo":
         args = [str(BIN / "meshd"), "demo", *rest]
     elif cmd == "test":
-        args = [str(BIN / "python"), "-m", "pytest", "-q", *rest]
+        # two workers, one test file each at a time (module fixtures start real meshes once)
+        args = [str(BIN / "python"), "-m", "pytest", "-q", "-n", TEST_WORKERS, "--dist", "loadfile", *rest]
     else:
         args = [str(BIN / "python"), str(ROOT / "bench" / "run.py"), *rest]
     return subprocess.call(args, cwd=ROOT, env=env)

@@ -11,8 +11,9 @@
   (ALPN h2) → origin sidecar inbound → nginx |
 
 Each target: ``h2load -c CLIENTS -m STREAMS -D DURATION`` after a short warm-up; reported:
-req/s, failed/errored requests, mean request time, and the vCPU of each sidecar (utime+stime
-over the run / duration). Loopback only; every process is stopped on exit.
+req/s (and its ratio to direct and to HAProxy in the same run), failed/errored requests, mean
+request time, the vCPU of the sidecars (utime+stime over the run / duration) and their CPU
+milliseconds per request. Loopback only; every process is stopped on exit.
 """
 
 from __future__ import annotations
@@ -108,13 +109,17 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict[str, dict[str, float]]:
 
 def report(results: dict[str, dict[str, float]], opts: argparse.Namespace) -> str:
     direct = results["direct"]["req_s"] or 1.0
+    haproxy = results.get("haproxy h2", {}).get("req_s") or 0.0
     lines = [f"HTTP/2 h2load -c {opts.clients} -m {opts.streams} ({opts.clients * opts.streams} concurrent "
              f"streams), {opts.duration:g} s, {opts.body_size} B body",
-             f"{'target':<12} {'req/s':>9} {'vs direct':>9} {'failed':>7} {'errored':>7} "
-             f"{'mean':>9} {'sidecar vCPU':>12}"]
+             f"{'target':<12} {'req/s':>9} {'vs direct':>9} {'vs haproxy':>10} {'failed':>7} {'errored':>7} "
+             f"{'mean':>9} {'sidecar vCPU':>12} {'CPU ms/req':>10}"]
     for name, r in results.items():
-        lines.append(f"{name:<12} {r['req_s']:>9.0f} {r['req_s'] / direct:>8.0%} {r['failed']:>7} "
-                     f"{r['errored']:>7} {r['mean']!s:>9} {r.get('sidecar_vcpu', 0) or '-':>12}")
+        vcpu = r.get("sidecar_vcpu", 0)
+        per_req = f"{vcpu / r['req_s'] * 1000:.2f}" if vcpu and r["req_s"] else "-"
+        vs_haproxy = f"{r['req_s'] / haproxy:.3f}x" if haproxy else "-"
+        lines.append(f"{name:<12} {r['req_s']:>9.0f} {r['req_s'] / direct:>8.0%} {vs_haproxy:>10} "
+                     f"{r['failed']:>7} {r['errored']:>7} {r['mean']!s:>9} {vcpu or '-':>12} {per_req:>10}")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 An ``Instance`` is one reachable copy of a service: the address and port of its *inbound
 sidecar* (mesh traffic goes sidecar to sidecar), its labels (``version``, ``zone``, …) and
-where it came from. Adapters (built-in, and later Consul, Eureka, Docker, etcd, static) only
-produce ``Instance`` values; meshd merges them and never learns the platform.
+where it came from. Adapters (``registry.builtin``, ``registry.consul``, ``eureka``,
+``docker``, ``etcd``, ``registry.static``) only produce ``Instance`` values; meshd merges them
+(``registry.merge``) and never learns the platform.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ Example (documented in ``docs/sidecar.md``)::
     service = "db"
     local_port = 15432               # the app connects to 127.0.0.1:15432
 
+    [limits]                         # HTTP/1.1 server limits of every listener (ServerLimits)
+    header_timeout = 10.0            # seconds for a whole request head (slowloris)
+    max_connections = 10000          # open connections per listener; more are closed at once
+
 ``MESHD_ADDR`` and ``MESH_JOIN_TOKEN`` in the environment override ``meshd_addr``/``token``
 (as ``CONSUL_HTTP_ADDR``/``CONSUL_HTTP_TOKEN`` do; ``MESHD_TOKEN`` stays the operator's).
 Errors: ``ConfigError`` with file, line, field.
@@ -46,6 +50,7 @@ import msgspec
 from meshd.errors import ConfigError
 from meshd.rules.locate import line_of
 from registry.config import RegistrarConfig
+from sidecar.http.limits import ServerLimits, server_limits
 
 DEFAULT_INBOUND_PORT = 15006   # Istio inbound capture port
 DEFAULT_OUTBOUND_PORT = 15001  # Istio outbound capture port
@@ -96,6 +101,8 @@ class Bootstrap(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     app_protocol: str = ""  # the app port's protocol: http | http2 | grpc | tcp ("" = detect)
     upstreams: list[Upstream] = []  # localhost ports for mesh services (Consul local_bind_port)
     registry: RegistrarConfig = RegistrarConfig()  # where this instance registers ([registry])
+    # [limits]: ServerLimits fields (sidecar.http.limits), checked by server_limits at parse time
+    limits: dict[str, int | float] = {}
 
     @property
     def node(self) -> str:
@@ -104,6 +111,10 @@ class Bootstrap(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def spiffe_id(self) -> str:
         return f"spiffe://cluster.local/ns/{self.namespace}/sa/{self.service}"
+
+    def server_limits(self) -> ServerLimits:
+        """The HTTP/1.1 server limits of every listener: defaults with ``[limits]`` applied."""
+        return server_limits(self.limits)
 
 
 def _check(b: Bootstrap) -> list[tuple[str, str]]:
@@ -148,6 +159,8 @@ def parse(text: str, file: str = "<bootstrap>", env: dict[str, str] | None = Non
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(str(exc), file=file, line=int(m.group(1)) if m else 0) from exc
+    if isinstance(data.get("limits"), dict):  # before msgspec: errors name limits.<field>
+        _check_limits(data["limits"], file, text)
     try:
         boot = msgspec.convert(data, Bootstrap)
     except msgspec.ValidationError as exc:
@@ -178,6 +191,16 @@ def parse(text: str, file: str = "<bootstrap>", env: dict[str, str] | None = Non
     if token_file and not changes.get("token", boot.token):
         changes["token"] = _read_token(token_file, file, text)
     return msgspec.structs.replace(boot, **changes) if changes else boot
+
+
+def _check_limits(table: dict[str, object], file: str, text: str) -> None:
+    """``ConfigError`` naming ``limits.<field>`` (and its line) for an unknown limit, a wrong
+    type or a value that is not > 0 (``sidecar.http.limits.server_limits``)."""
+    try:
+        server_limits(table)
+    except ConfigError as exc:
+        path = tuple(exc.field.split("."))
+        raise ConfigError(exc.reason, file=file, line=line_of(text, path), field=exc.field) from None
 
 
 def _read_token(path: str, file: str, text: str) -> str:

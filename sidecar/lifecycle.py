@@ -10,6 +10,8 @@
   retries on a new connection), let in-flight exchanges finish, and wait for the last
   connection or the deadline. After a response the next read of an HTTP/1.1 connection is the
   next request head: that is how ``DrainStream`` knows a connection is idle without parsing.
+  Over a TCP stream it is a ``HalfCloseableStream`` (``HalfCloseDrainStream``), so a response
+  that closes the connection sends its FIN at once, before the lingering read.
 * **Reload**: ``reload_plan`` splits a changed bootstrap into what applies at once and what
   needs a restart (logged).
 
@@ -123,6 +125,16 @@ class DrainStream(trio.abc.Stream):
             pass
 
 
+class HalfCloseDrainStream(DrainStream, trio.abc.HalfCloseableStream):
+    """A ``DrainStream`` over a half-closeable stream (TCP): ``send_eof`` passes through, so
+    ``serve_http1`` closing after a response sends FIN before it lingers (the client reads EOF
+    at once, not after ``linger_timeout``)."""
+
+    async def send_eof(self) -> None:
+        assert isinstance(self.inner, trio.abc.HalfCloseableStream)  # drainable() checked it
+        await self.inner.send_eof()
+
+
 def current_group() -> ConnectionGroup | None:
     """The ``ConnectionGroup`` that accepted the current connection task (None outside one).
     Protocols other than HTTP/1.1 await ``group.drain_started`` to finish gracefully (HTTP/2:
@@ -136,7 +148,8 @@ def drainable(stream: trio.abc.Stream) -> trio.abc.Stream:
     group = _GROUP.get()
     if group is None:
         return stream
-    wrapped = DrainStream(stream, group)
+    wrapped = (HalfCloseDrainStream(stream, group) if isinstance(stream, trio.abc.HalfCloseableStream)
+               else DrainStream(stream, group))
     group.http1.add(wrapped)
     return wrapped
 

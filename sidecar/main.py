@@ -4,7 +4,9 @@
 admin listeners (``serve_http1`` per connection; the outbound one and the ``[[upstreams]]``
 localhost ports first detect HTTP / h2 / TLS / TCP, ``proxy.listeners``; the inbound pumps ALPN
 ``meshd-tcp`` to the app, ``proxy.tcp``), the snapshot subscription (disk cache first)
-and the registry heartbeat. SIGTERM/SIGINT: deregister, keep serving for ``drain_seconds`` so
+and the registry heartbeat. Every listener serves HTTP/1.1 with the bootstrap's ``[limits]``
+(``ServerLimits``) and closes connections over ``max_connections`` before reading a byte
+(``sidecar.http.server.gated``). SIGTERM/SIGINT: deregister, keep serving for ``drain_seconds`` so
 peers receive the new endpoints, then stop (Envoy drain). ``mesh-sidecar ready`` exits 0 if the
 local admin ``/ready`` answers 200 (for Compose healthchecks without curl).
 """
@@ -31,8 +33,9 @@ from sidecar import bootstrap, lifecycle
 from sidecar.admin import Admin
 from sidecar.control import Subscription, auth_headers
 from sidecar.http.client import UpstreamPool
-from sidecar.http.limits import ClientLimits
+from sidecar.http.limits import ClientLimits, ServerLimits
 from sidecar.http.messages import ConnInfo, Handler
+from sidecar.http.server import ConnectionGate, gated
 from sidecar.http2.client import H2Pool
 from sidecar.http2.dispatch import selected_alpn, serve_http
 from sidecar.http2.limits import H2_FANOUT_IDLE, H2ClientLimits
@@ -64,13 +67,14 @@ def _conn_info(stream: trio.SocketStream) -> ConnInfo:
     return ConnInfo(peer=_addr(stream.socket.getpeername()), local=_addr(stream.socket.getsockname()))
 
 
-async def _serve_conn(handler: Handler, stream: trio.SocketStream) -> None:
+async def _serve_conn(handler: Handler, h1: ServerLimits, stream: trio.SocketStream) -> None:
     async with stream:
-        await serve_http(stream, handler, _conn_info(stream), wrap_h1=lifecycle.drainable)
+        await serve_http(stream, handler, _conn_info(stream), h1_limits=h1,
+                         wrap_h1=lifecycle.drainable)
 
 
 async def _serve_inbound(handler: Handler, ctxs: TlsContexts, mode: str, tcp: TcpProxy | None,
-                         stream: trio.SocketStream) -> None:
+                         h1: ServerLimits, stream: trio.SocketStream) -> None:
     """Terminate mTLS (per ``mode``), then serve HTTP with the peer's SPIFFE ID in ConnInfo;
     ALPN ``meshd-tcp`` (or plain text to an app declared ``tcp``) is pumped to the app as TCP."""
     info = _conn_info(stream)
@@ -85,26 +89,36 @@ async def _serve_inbound(handler: Handler, ctxs: TlsContexts, mode: str, tcp: Tc
         return
     async with tls:
         await serve_http(tls, handler, dataclasses.replace(info, principal=principal),
-                         wrap_h1=lifecycle.drainable)
+                         h1_limits=h1, wrap_h1=lifecycle.drainable)
 
 
 Inherited = dict[int, socket.socket]  # systemd socket activation: listening sockets by port
 
 
-async def _listen(nursery: trio.Nursery, handler: Handler, host: str, port: int,
-                  inherited: Inherited | None = None) -> lifecycle.ConnectionGroup:
-    group = lifecycle.ConnectionGroup(f"{host}:{port}")
-    await nursery.start(group.serve, partial(_serve_conn, handler), host, port, inherited)
+async def _start_group(nursery: trio.Nursery, name: str,
+                       serve: Callable[[trio.SocketStream], Awaitable[None]], host: str, port: int,
+                       h1: ServerLimits, inherited: Inherited | None = None,
+                       ) -> lifecycle.ConnectionGroup:
+    """Accept on ``host:port`` in a drainable ``ConnectionGroup``; the gate comes first, so a
+    connection over ``h1.max_connections`` is closed before any read or TLS handshake."""
+    group = lifecycle.ConnectionGroup(name)
+    await nursery.start(group.serve, gated(ConnectionGate(h1.max_connections), serve), host, port,
+                        inherited)
     return group
+
+
+async def _listen(nursery: trio.Nursery, handler: Handler, host: str, port: int, h1: ServerLimits,
+                  inherited: Inherited | None = None) -> lifecycle.ConnectionGroup:
+    return await _start_group(nursery, f"{host}:{port}", partial(_serve_conn, handler, h1),
+                              host, port, h1, inherited)
 
 
 async def _listen_inbound(nursery: trio.Nursery, handler: Handler, boot: bootstrap.Bootstrap,
-                          ctxs: TlsContexts, inherited: Inherited | None = None,
+                          ctxs: TlsContexts, h1: ServerLimits, inherited: Inherited | None = None,
                           tcp: TcpProxy | None = None) -> lifecycle.ConnectionGroup:
-    serve = partial(_serve_inbound, handler, ctxs, boot.mtls_mode, tcp)
-    group = lifecycle.ConnectionGroup(f"inbound :{boot.inbound_port}")
-    await nursery.start(group.serve, serve, boot.inbound_address, boot.inbound_port, inherited)
-    return group
+    serve = partial(_serve_inbound, handler, ctxs, boot.mtls_mode, tcp, h1)
+    return await _start_group(nursery, f"inbound :{boot.inbound_port}", serve, boot.inbound_address,
+                              boot.inbound_port, h1, inherited)
 
 
 ServeConn = Callable[[trio.abc.Stream, ConnInfo], Awaitable[None]]
@@ -116,12 +130,11 @@ async def _serve_detected(serve: ServeConn, stream: trio.SocketStream) -> None:
 
 
 async def _listen_detected(nursery: trio.Nursery, serve: ServeConn, host: str, port: int,
-                           inherited: Inherited | None = None,
+                           h1: ServerLimits, inherited: Inherited | None = None,
                            ) -> lifecycle.ConnectionGroup:
     """A listener whose connections pick their protocol from the first bytes (proxy.listeners)."""
-    group = lifecycle.ConnectionGroup(f"{host}:{port}")
-    await nursery.start(group.serve, partial(_serve_detected, serve), host, port, inherited)
-    return group
+    return await _start_group(nursery, f"{host}:{port}", partial(_serve_detected, serve), host, port,
+                              h1, inherited)
 
 
 async def _wait_signal(on_hup: Callable[[], None] | None = None) -> int:
@@ -142,6 +155,7 @@ async def run(boot: bootstrap.Bootstrap, config: str = "") -> None:
     inherited, notifier = lifecycle.inherited_sockets(), Notifier()
     socket_activated = boot.inbound_port in inherited
     state, metrics = State(), Metrics()
+    h1 = boot.server_limits()  # [limits]; checked when the bootstrap was parsed
     # an https meshd_addr is verified against meshd_ca_file when set, else the system roots
     verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=boot.meshd_ca_file)
                                      if boot.meshd_ca_file else True)
@@ -175,18 +189,19 @@ async def run(boot: bootstrap.Bootstrap, config: str = "") -> None:
             tunnels = Tunnels(outbound, tcp, mesh_connector(ctxs, identities.identity_of))
             outbound.tunnel_handler = tunnels.handle
             out_group = await _listen_detected(
-                nursery, partial(listeners.serve_outbound, outbound.handle, tunnels),
-                boot.outbound_address, boot.outbound_port, inherited)
+                nursery, partial(listeners.serve_outbound, outbound.handle, tunnels, h1_limits=h1),
+                boot.outbound_address, boot.outbound_port, h1, inherited)
             nursery.start_soon(health_checks.run, outbound.runtimes, outbound.sync)
             inbound = Inbound(boot, pool_in, metrics, agent, state)
             inbound.upgrade = inbound_upgrade
             tcp.authorizer = inbound._authorizer
-            in_group = await _listen_inbound(nursery, inbound.handle, boot, ctxs, inherited, tcp)
+            in_group = await _listen_inbound(nursery, inbound.handle, boot, ctxs, h1, inherited, tcp)
             for up in boot.upstreams:  # localhost ports for mesh services (Consul local_bind_port)
-                await _listen_detected(nursery, partial(listeners.serve_upstream, up, outbound.handle, tcp),
-                                       up.local_address, up.local_port)
+                await _listen_detected(nursery, partial(listeners.serve_upstream, up, outbound.handle, tcp,
+                                                        h1_limits=h1),
+                                       up.local_address, up.local_port, h1)
             await _listen(nursery, Admin(boot.node, state, metrics, agent, ctxs).handle,
-                          boot.admin_address, boot.admin_port)
+                          boot.admin_address, boot.admin_port, h1)
             lifecycle.warn_unused(inherited)
             nursery.start_soon(sub.run)
             nursery.start_soon(reg.run)
@@ -227,7 +242,8 @@ def main() -> None:
 def run_cmd(config: str, log_level: str) -> None:
     """Run the sidecar for one service instance."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
+    for name in ("httpx", "httpcore"):  # one line per long-poll is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         boot = bootstrap.load(config)
     except ConfigError as exc:

@@ -1,8 +1,10 @@
 """What every ``meshd`` CLI command shares: the API client, failing with one line, errors.
 
-``Api(addr, token)`` wraps an ``httpx.Client`` on meshd's address with the join token
-(``Authorization: Bearer``); ``set_author`` adds the ``x-meshd-author`` header (percent-encoded
-UTF-8) that rule history records. ``fail(msg, code)`` prints ``error: msg`` to stderr and exits.
+``Api(addr, token)`` wraps an ``httpx.Client`` on meshd's address with the operator token
+(``Authorization: Bearer``; ``--token``/``MESHD_TOKEN``, else the contents of the file named by
+``MESHD_TOKEN_FILE``, see ``operator_token``); ``set_author`` adds the ``x-meshd-author``
+header (percent-encoded UTF-8) that rule history records. ``fail(msg, code)`` prints
+``error: msg`` to stderr and exits.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 import ssl
 import sys
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import click
@@ -35,11 +38,28 @@ def default_author() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def operator_token(token: str, env: Mapping[str, str] | None = None) -> str:
+    """``token`` (``--token`` or ``MESHD_TOKEN``) if set, else the contents of the file named by
+    ``MESHD_TOKEN_FILE`` with surrounding whitespace stripped (a Docker secret or systemd
+    credential, like the sidecar's ``MESH_JOIN_TOKEN_FILE``), else ``""``. An unreadable file
+    is ``fail``ed with its path, never silently sent without a token."""
+    env = os.environ if env is None else env
+    path = env.get("MESHD_TOKEN_FILE", "")
+    if token or not path:
+        return token
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        fail(f"cannot read MESHD_TOKEN_FILE {path}: {exc.strerror}", 2)
+
+
 class Api:
     """Thin sync client for meshd's API; errors become ``fail``."""
 
     def __init__(self, addr: str, token: str) -> None:
         self.addr = addr.rstrip("/")
+        token = operator_token(token)
         headers = {"authorization": f"Bearer {token}"} if token else {}
         # an https MESHD_ADDR is verified against MESHD_CACERT (a PEM file) when set
         cafile = os.environ.get("MESHD_CACERT")

@@ -4,7 +4,9 @@ Runs hypercorn's trio worker with the Starlette app from ``api.py`` and a task t
 built-in registry instances every ``EXPIRY_SWEEP_INTERVAL`` seconds. SIGTERM/SIGINT stop both
 cleanly (structured concurrency: one nursery, no orphan tasks). The identity service (CA in
 ``<data-dir>/ca``, join/session tokens) is opened before the API starts; without an operator
-token the API is open to anyone who reaches it, which is logged as a warning.
+token the API is open to anyone who reaches it, which is logged as a warning. The ``httpx`` and
+``httpcore`` loggers are set to WARNING (the Docker, Consul, Eureka and etcd adapters would log
+every API call at INFO, as the sidecar's long-polls would).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEFAULT_LISTEN = "127.0.0.1:15010"  # Istio pilot's plaintext xDS port
 GRACEFUL_TIMEOUT = 3.0  # seconds; hypercorn default
 KEEP_ALIVE_TIMEOUT = 330.0  # seconds; longer than the longest long-poll (api.MAX_LONG_POLL)
 SOURCE_RESTART_DELAY = 1.0  # seconds before an adapter that raised is started again
+QUIET_LOGGERS = ("httpx", "httpcore")  # one line per adapter API call is noise
 
 
 async def _sweep(cp: ControlPlane) -> None:
@@ -85,6 +88,8 @@ async def run(listen: str, data_dir: str | Path, token: str = "",
     """Serve until SIGTERM/SIGINT; ``tls`` = (certificate PEM file, key PEM file) serves the API
     over HTTPS; ``registry`` = the discovery sources of ``meshd.toml`` (default: built-in only).
     Raises ConfigError if the store or the CA cannot be opened."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     store = SqliteStore(data_dir)
     cp = ControlPlane(store, config=registry)
     try:

@@ -39,7 +39,8 @@ class BodySource(Protocol):
 
 
 class StreamOwner(Protocol):
-    """The upstream connection as a response stream sees it."""
+    """The upstream connection as a response stream sees it (``credit`` and ``reset`` queue
+    frames that the connection's writer task sends)."""
 
     name: str
     limits: _Limits
@@ -49,8 +50,6 @@ class StreamOwner(Protocol):
     def credit(self, sid: int, flow: int) -> None: ...
 
     def reset(self, sid: int, code: ErrorCodes) -> None: ...
-
-    async def flush_quietly(self) -> None: ...
 
 
 def reset_error(msg: str) -> UpstreamResetError:
@@ -174,8 +173,7 @@ class ResponseStream:
                 await self.aclose()
                 raise UpstreamTimeoutError(f"response body from {self.conn.name}: no progress")
         data, flow = self._chunks.popleft()
-        self.conn.credit(self.sid, flow)
-        await self.conn.flush_quietly()  # the WINDOW_UPDATE, if h2 made one: the peer may wait on it
+        self.conn.credit(self.sid, flow)  # a WINDOW_UPDATE, if h2 makes one, goes with the next write
         return data
 
     async def aclose(self) -> None:
@@ -193,4 +191,4 @@ class ResponseStream:
         self._chunks.clear()
         self.done = True
         conn.idle_since = trio.current_time()
-        await conn.flush_quietly()
+        await trio.lowlevel.checkpoint()

@@ -4,8 +4,10 @@
 
     live connection with a free stream slot, else connect (connect_timeout; TLS must choose
     ALPN "h2", else ``NotH2`` and the endpoint is remembered in ``not_h2``)
-    HEADERS (+ END_STREAM for an empty body); a body is sent by a task within the peer's
-    windows, concurrently with the response (gRPC bidi streams)
+    HEADERS (+ END_STREAM for an empty body) queued for the connection's writer task, which
+    sends the frames of every stream queued in one scheduler batch together; a body is sent
+    by a task within the peer's windows (waiting above WRITE_HIGH_WATER queued bytes),
+    concurrently with the response (gRPC bidi streams)
     wait for the response HEADERS          response_timeout -> UpstreamTimeoutError
     Response.body streams DATA as read (WINDOW_UPDATE when the caller reads: backpressure);
     its ``trailers`` attribute holds the response trailers at the end (gRPC status)
@@ -39,7 +41,7 @@ from sidecar.http.messages import Body, RequestHead, Response, buffered_body
 from sidecar.http2.bodies import ResponseStream, reset_error
 from sidecar.http2.convert import request_headers, response_head, trailers_of
 from sidecar.http2.h2conn import new_connection
-from sidecar.http2.limits import DEFAULT_H2_CLIENT_LIMITS, H2ClientLimits
+from sidecar.http2.limits import DEFAULT_H2_CLIENT_LIMITS, WRITE_HIGH_WATER, H2ClientLimits
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
@@ -70,6 +72,9 @@ class H2Conn:
         self.idle_since = trio.current_time()
         self._lock = trio.StrictFIFOLock()
         self._window = trio.Event()
+        self._want = trio.Event()  # wakes the writer
+        self._sent = trio.Event()  # set (and replaced) after each write
+        self._queued = 0  # DATA bytes queued in h2 since the writer last took its output
 
     @property
     def usable(self) -> bool:
@@ -85,11 +90,15 @@ class H2Conn:
         await self.flush()
 
     async def flush(self) -> None:
+        """Send what h2 has queued now (one writer at a time)."""
         async with self._lock:
+            self._queued = 0
             data = self.h2.data_to_send()
             if data:
                 with trio.fail_after(self.limits.stream_idle_timeout):
                     await self.stream.send_all(data)
+            self._sent.set()
+            self._sent = trio.Event()
 
     async def flush_quietly(self) -> None:
         try:
@@ -97,18 +106,44 @@ class H2Conn:
         except _IO_ERRORS:
             self.closed = True
 
+    async def writer(self) -> None:
+        """Send h2's output whenever a stream queued some, one checkpoint later so that the
+        frames of all streams queued in the same scheduler batch share one send (one TLS
+        record). An upstream that stops reading for ``stream_idle_timeout`` fails the connection."""
+        try:
+            while not self.closed:
+                await self._want.wait()
+                self._want = trio.Event()
+                await trio.lowlevel.checkpoint()
+                await self.flush()
+        except _IO_ERRORS as exc:
+            self._lost(reset_error(f"sending to {self.name}: {exc!r}"))
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)  # ends the read loop too
+
     def credit(self, sid: int, flow: int) -> None:
         if flow > 0 and not self.closed:
             try:
                 self.h2.acknowledge_received_data(flow, sid)
             except h2.exceptions.H2Error:
                 pass
+            self._want.set()
 
     def reset(self, sid: int, code: ErrorCodes) -> None:
         try:
             self.h2.reset_stream(sid, code)
         except h2.exceptions.H2Error:
             pass
+        self._want.set()
+
+    def _lost(self, error: MeshError) -> None:
+        """The connection is unusable: fail its streams, wake the writer and the waiters."""
+        self.closed = True
+        self._want.set()
+        self._sent.set()
+        for ex in list(self.streams.values()):
+            ex.fail(error)
+        self.streams.clear()
 
     # -- one request -------------------------------------------------------------------------
     async def request(self, head: RequestHead, body: Body | bytes, nursery: trio.Nursery) -> ResponseStream:
@@ -119,11 +154,10 @@ class H2Conn:
         empty = data is not None and not data
         try:
             self.h2.send_headers(sid, request_headers(head, self.scheme, self.name), end_stream=empty)
-            await self.flush()
-        except _IO_ERRORS as exc:
-            self.closed = True
+        except BaseException:
             self.streams.pop(sid, None)
-            raise reset_error(f"sending to {self.name}: {exc!r}") from exc
+            raise
+        self._want.set()
         if not empty:
             ex.sending = True
             nursery.start_soon(self._send_body, ex, data if data is not None else body)
@@ -140,7 +174,7 @@ class H2Conn:
                         if chunk:
                             await self._send_data(ex.sid, bytes(chunk))
                     self.h2.end_stream(ex.sid)
-                    await self.flush()
+                    self._want.set()
                 ex.sending = False
             except h2.exceptions.H2Error:
                 pass  # the stream ended (the response came, or a reset)
@@ -150,7 +184,6 @@ class H2Conn:
                 log.debug("request body to %s cut: %s", self.name, exc)
                 self.reset(ex.sid, ErrorCodes.CANCEL)
                 ex.fail(reset_error(f"request body cut: {exc}"))
-                await self.flush_quietly()
 
     async def _send_data(self, sid: int, data: bytes, *, end: bool = False) -> None:
         h2c, view, sent = self.h2, memoryview(data), 0
@@ -163,7 +196,11 @@ class H2Conn:
             sent += room
             h2c.send_data(sid, data if room == len(data) else bytes(view[sent - room:sent]),
                           end_stream=end and sent == len(data))
-            await self.flush()
+            self._queued += room
+            self._want.set()
+            while self._queued >= WRITE_HIGH_WATER and not self.closed:
+                with trio.fail_after(self.limits.stream_idle_timeout):
+                    await self._sent.wait()
 
     # -- reader ------------------------------------------------------------------------------
     async def read_loop(self) -> None:
@@ -182,10 +219,7 @@ class H2Conn:
         except _IO_ERRORS as exc:
             error = reset_error(f"connection to {self.name} lost: {exc!r}")
         finally:
-            self.closed = True
-            for ex in list(self.streams.values()):
-                ex.fail(error)
-            self.streams.clear()
+            self._lost(error)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 
@@ -285,9 +319,10 @@ class H2Pool:
         if ex.head is None:
             await ex.aclose()
             raise ex.error or reset_error(f"no response from {conn.name}")
-        if ex.done and not ex._chunks and ex.trailers is None:
+        if ex.done and ex.trailers is None and ex.error is None:  # the whole body came with the head
+            data = b"".join([chunk for chunk, _ in ex._chunks])  # (small answers; ≤ one stream window)
             await ex.aclose()
-            return Response(ex.head, b"", _noop)
+            return Response(ex.head, data, _noop)
         return Response(ex.head, ex, ex.aclose)
 
     async def _checkout(self, key: Key, connect_timeout: float | None) -> H2Conn:
@@ -340,6 +375,7 @@ class H2Pool:
             raise UpstreamConnectError(f"connect {host}:{port}: {exc!r}") from exc
         assert self._nursery is not None
         self._nursery.start_soon(conn.read_loop)
+        self._nursery.start_soon(conn.writer)
         self.opened += 1
         return conn
 

@@ -7,6 +7,11 @@ see it; RFC 9113 §8.3.1), ``http_version="2"``. Several ``cookie`` fields are j
 (``sidecar.core.headers.HOP_BY_HOP``) are never forwarded in either direction; the ``h2``
 library already refuses them on input (``validate_inbound_headers``).
 
+Outgoing lists are ``(bytes, bytes)`` (latin-1, so obs-text bytes pass unchanged) checked here
+as RFC 9113 §8.2 requires (lowercase token names, no CR/LF/NUL, no surrounding whitespace,
+no connection-specific fields), so the ``h2`` connections skip their own outbound validation
+(``sidecar.http2.h2conn``); ``authorization`` and short cookies are HPACK never-indexed.
+
 Errors: ``RemoteProtocolError`` with ``status_hint`` 431 (header list over ``max_bytes`` /
 ``max_count``, Envoy's limits) or 400 (missing pseudo-header); ``LocalProtocolError`` (500)
 for a response or request head we may not send (CR, LF or NUL in a value).
@@ -14,7 +19,10 @@ for a response or request head we may not send (CR, LF or NUL in a value).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+from hpack import NeverIndexedHeaderTuple
 
 from meshd.errors import LocalProtocolError, RemoteProtocolError
 from sidecar.core.headers import HOP_BY_HOP
@@ -22,8 +30,15 @@ from sidecar.http.messages import RequestHead, ResponseHead
 
 Raw = Iterable[tuple[bytes, bytes]]
 Header = tuple[str, str]
+Field = tuple[bytes, bytes]  # an outgoing HEADERS entry, ready for h2 (no re-validation there)
 _NOT_FORWARDED = HOP_BY_HOP | {"host"}  # host becomes :authority on HTTP/2
-_BAD_VALUE = ("\r", "\n", "\x00")
+_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 §5.6.2 token, lowercase (RFC 9113 §8.2.1)
+_BAD_VALUE = re.compile(r"[\r\n\x00]")  # RFC 9113 §8.2.1
+_OWS = " \t"
+# HPACK never-indexed (RFC 7541 §7.1.3), as h2's normalize_outbound_headers (_secure_headers)
+_SENSITIVE = frozenset({"authorization", "proxy-authorization"})
+_SHORT_COOKIE = 20  # h2: cookie values shorter than this are never indexed (guessable)
+_TE_TRAILERS = (b"te", b"trailers")
 
 
 def request_head(raw: Raw, *, max_bytes: int, max_count: int) -> RequestHead:
@@ -61,28 +76,32 @@ def request_head(raw: Raw, *, max_bytes: int, max_count: int) -> RequestHead:
     return RequestHead(method, target, tuple(headers), "2")
 
 
-def response_headers(head: ResponseHead) -> list[Header]:
+def response_headers(head: ResponseHead) -> list[Field]:
     """The HEADERS list of a response: ``:status`` then the forwardable fields."""
-    out = [(":status", str(head.status))]
-    out.extend(_forwardable(head.headers, "response"))
+    out: list[Field] = [(b":status", b"%d" % head.status)]
+    _forwardable(head.headers, "response", out)
     return out
 
 
-def request_headers(head: RequestHead, scheme: str, default_authority: str) -> list[Header]:
+def request_headers(head: RequestHead, scheme: str, default_authority: str) -> list[Field]:
     """The HEADERS list of an upstream request (``te: trailers`` added: the sidecar passes
     trailers through, and gRPC servers require it)."""
     if head.method == "CONNECT":
         raise LocalProtocolError("CONNECT is not forwarded over HTTP/2", 500)
-    out = [(":method", head.method), (":scheme", scheme),
-           (":authority", head.authority or default_authority), (":path", head.path)]
-    out.extend(_forwardable(head.headers, "request"))
-    out.append(("te", "trailers"))
+    authority = head.authority or default_authority
+    out: list[Field] = [(b":method", _encode(head.method, ":method")), (b":scheme", scheme.encode()),
+                        (b":authority", _encode(authority, ":authority")),
+                        (b":path", _encode(head.path, ":path"))]
+    _forwardable(head.headers, "request", out)
+    out.append(_TE_TRAILERS)
     return out
 
 
-def trailer_headers(trailers: Iterable[Header]) -> list[Header]:
+def trailer_headers(trailers: Iterable[Header]) -> list[Field]:
     """Trailers to send: forwardable, no pseudo-headers (RFC 9113 §8.1)."""
-    return [h for h in _forwardable(trailers, "trailer") if not h[0].startswith(":")]
+    out: list[Field] = []
+    _forwardable((h for h in trailers if not h[0].startswith(":")), "trailer", out)
+    return out
 
 
 def response_head(raw: Raw) -> ResponseHead:
@@ -102,12 +121,26 @@ def trailers_of(raw: Raw) -> tuple[Header, ...]:
     return tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n[:1] != b":")
 
 
-def _forwardable(headers: Iterable[Header], what: str) -> list[Header]:
-    out = []
+def _forwardable(headers: Iterable[Header], what: str, out: list[Field]) -> None:
+    """Append the fields of ``headers`` that may be sent on HTTP/2 to ``out``, encoded."""
     for name, value in headers:
+        name = name.lower()
         if name in _NOT_FORWARDED:
             continue
-        if any(c in value for c in _BAD_VALUE):
-            raise LocalProtocolError(f"CR, LF or NUL in {what} header {name!r}", 500)
-        out.append((name.lower(), value))
-    return out
+        if not _NAME.fullmatch(name):
+            raise LocalProtocolError(f"invalid {what} header name {name!r}", 500)
+        if value and (value[0] in _OWS or value[-1] in _OWS):
+            value = value.strip(_OWS)
+        field = (name.encode("ascii"), _encode(value, name, what))
+        if name in _SENSITIVE or (name == "cookie" and len(value) < _SHORT_COOKIE):
+            field = NeverIndexedHeaderTuple(*field)
+        out.append(field)
+
+
+def _encode(value: str, name: str, what: str = "request") -> bytes:
+    if _BAD_VALUE.search(value):
+        raise LocalProtocolError(f"CR, LF or NUL in {what} header {name!r}", 500)
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # text a handler made: UTF-8, as h2 would have sent it
+        return value.encode("utf-8")

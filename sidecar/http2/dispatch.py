@@ -10,6 +10,7 @@ connections as a GOAWAY (``serve_h2(drain=...)``).
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,9 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, info: ConnInfo, 
                      h2_limits: H2Limits = DEFAULT_H2_LIMITS,
                      wrap_h1: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None) -> None:
     """Serve ``stream`` with ``serve_h2`` or ``serve_http1`` (``wrap_h1`` applied first, e.g.
-    ``lifecycle.drainable``); closes ``stream``. A peer silent for ``idle_timeout`` is closed."""
+    ``lifecycle.drainable``); closes ``stream``. A peer silent for ``idle_timeout`` is closed, and
+    so is one whose first bytes, a prefix of the client preface, do not complete it within
+    ``header_timeout`` (a trickled preface, slowloris-style)."""
     alpn = selected_alpn(stream)
     if alpn == ALPN_H2:
         return await _serve_h2(stream, handler, info, h2_limits)
@@ -43,7 +46,7 @@ async def serve_http(stream: trio.abc.Stream, handler: Handler, info: ConnInfo, 
         with trio.move_on_after(h1_limits.idle_timeout) as hook.scope:  # only the first bytes
             try:
                 if group is None or not group.draining:
-                    h2, stream = await sniff_h2(stream)
+                    h2, stream = await sniff_h2(stream, header_timeout=h1_limits.header_timeout)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 h2 = None
         if group is not None:
@@ -65,26 +68,36 @@ def selected_alpn(stream: trio.abc.Stream) -> str | None:
     return None
 
 
-async def sniff_h2(stream: trio.abc.Stream) -> tuple[bool | None, trio.abc.Stream]:
+async def sniff_h2(stream: trio.abc.Stream, *, header_timeout: float = math.inf
+                   ) -> tuple[bool | None, trio.abc.Stream]:
     """``(True, stream)`` if the client preface starts the stream, ``(False, stream)`` if
-    something else does, ``(None, stream)`` on EOF first. Bytes stay unread: ``MSG_PEEK`` on a
-    socket, else a ``PrefixedStream`` that delivers them again."""
+    something else does, ``(None, stream)`` on EOF first or when the first bytes are a prefix of
+    the preface that is still incomplete ``header_timeout`` seconds after the first byte (the
+    wait for the first byte is the caller's). Bytes stay unread: ``MSG_PEEK`` on a socket, else
+    a ``PrefixedStream`` that delivers them again."""
     sock = getattr(stream, "socket", None)
     if sock is not None:
-        while True:
-            data = await sock.recv(len(H2_PREFACE), socket.MSG_PEEK)
-            if not data:
-                return None, stream
-            if not H2_PREFACE.startswith(data) or len(data) == len(H2_PREFACE):
-                return data == H2_PREFACE, stream
-            await trio.sleep(PEEK_RETRY)  # a prefix of the preface: wait for the rest
-    data = b""
-    while H2_PREFACE.startswith(data) and len(data) < len(H2_PREFACE):
-        more = await stream.receive_some(len(H2_PREFACE) - len(data))
-        if not more:
-            return (None if not data else False), PrefixedStream(stream, data)
-        data += more
-    return data == H2_PREFACE, PrefixedStream(stream, data)
+        data = await sock.recv(len(H2_PREFACE), socket.MSG_PEEK)
+        with trio.move_on_after(header_timeout):
+            while True:
+                if not data:
+                    return None, stream
+                if not H2_PREFACE.startswith(data) or len(data) == len(H2_PREFACE):
+                    return data == H2_PREFACE, stream
+                await trio.sleep(PEEK_RETRY)  # a prefix of the preface: wait for the rest
+                data = await sock.recv(len(H2_PREFACE), socket.MSG_PEEK)
+        return None, stream
+    data = await stream.receive_some(len(H2_PREFACE))
+    if not data:
+        return None, stream
+    with trio.move_on_after(header_timeout):
+        while H2_PREFACE.startswith(data) and len(data) < len(H2_PREFACE):
+            more = await stream.receive_some(len(H2_PREFACE) - len(data))
+            if not more:
+                return False, PrefixedStream(stream, data)
+            data += more
+        return data == H2_PREFACE, PrefixedStream(stream, data)
+    return None, PrefixedStream(stream, data)
 
 
 class _DrainHook:

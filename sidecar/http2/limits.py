@@ -31,6 +31,9 @@ MAX_CONCURRENT_STREAMS = 100  # Envoy edge guide; h2 and hypercorn default 100
 INITIAL_STREAM_WINDOW = 64 * 1024  # Envoy edge guide initial_stream_window_size 64 KiB
 CONNECTION_WINDOW = 1024 * 1024  # Envoy edge guide initial_connection_window_size 1 MiB
 MAX_FRAME_SIZE = 16 * 1024  # RFC 9113 SETTINGS_MAX_FRAME_SIZE initial value
+# DATA queued for a connection's writer before a stream waits for the socket; asyncio's
+# transport write-buffer high-water mark (FlowControlMixin) is 64 KiB
+WRITE_HIGH_WATER = 64 * 1024
 # idle HTTP/1.1 connections kept per app endpoint by the inbound: the streams of one HTTP/2
 # connection fan out to as many HTTP/1.1 connections, so keep more than MAX_CONCURRENT_STREAMS
 # (with the HTTP/1.1 pool's 32, 100 streams reopened a connection for ~40 % of requests)

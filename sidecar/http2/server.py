@@ -4,6 +4,9 @@
 (``RequestHead``, ``Body``, ``ConnInfo`` -> ``Response``), one task per stream in a nursery::
 
     read loop      receive_some -> h2 events -> dispatch; one flush of h2's output per read
+    writer task    h2's output once per scheduler batch: the frames of every stream that
+                   answered in the same batch go out in one send (stream tasks wait only when
+                   more than WRITE_HIGH_WATER bytes are queued: backpressure)
     HEADERS        head (sidecar.http2.convert; > 60 KiB / 100 fields -> 431) -> stream task
     DATA           queued on the stream's body; WINDOW_UPDATE only when the handler reads it
                    (so a stream buffers at most its window, INITIAL_STREAM_WINDOW)
@@ -44,13 +47,15 @@ from sidecar.http2.bodies import RequestBody
 from sidecar.http2.convert import request_head, response_headers, trailer_headers
 from sidecar.http2.guard import RateGuard, ResetGuard
 from sidecar.http2.h2conn import new_connection
-from sidecar.http2.limits import DEFAULT_H2_LIMITS, H2Limits
+from sidecar.http2.limits import DEFAULT_H2_LIMITS, WRITE_HIGH_WATER, H2Limits
 
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4 client connection preface
 _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 _BYTES = (bytes, bytearray, memoryview)
+_BODY_END = (h2.events.StreamEnded, h2.events.TrailersReceived)
+_CONTROL = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 
 
 async def serve_h2(stream: trio.abc.Stream, handler: Handler, info: ConnInfo,
@@ -64,6 +69,7 @@ async def serve_h2(stream: trio.abc.Stream, handler: Handler, info: ConnInfo,
     try:
         async with trio.open_nursery() as nursery:
             conn.nursery = nursery
+            nursery.start_soon(conn.writer)
             if drain is not None:
                 nursery.start_soon(conn.drain_on, drain)
             try:
@@ -115,7 +121,9 @@ class H2Server:
         self._send_lock = trio.StrictFIFOLock()
         self._window = trio.Event()  # set when send windows may have grown
         self._idle = trio.Event()  # set when the last stream of a draining connection ends
-        self._dirty = False
+        self._want = trio.Event()  # wakes the writer
+        self._sent = trio.Event()  # set (and replaced) after each write
+        self._queued = 0  # DATA bytes queued in h2 since the writer last took its output
         self._read_scope: trio.CancelScope | None = None
         self._read_deadline = math.inf
 
@@ -157,7 +165,6 @@ class H2Server:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:  # h2 queued a GOAWAY already
             log.info("HTTP/2 protocol error from %s: %s", self.info.peer, exc)
-            self._dirty = True
             self.closing, self.failed = None, True
             return False
         now = trio.current_time()
@@ -179,7 +186,7 @@ class H2Server:
                     st.body.end()
         elif isinstance(event, h2.events.RequestReceived):
             self._open(event, now)
-        elif isinstance(event, h2.events.StreamEnded | h2.events.TrailersReceived):
+        elif isinstance(event, _BODY_END):
             st = self.streams.get(event.stream_id)
             if st is not None:
                 st.body.end()
@@ -188,7 +195,7 @@ class H2Server:
         elif isinstance(event, h2.events.WindowUpdated):
             self._window.set()
             self._window = trio.Event()
-        elif isinstance(event, h2.events.PingReceived | h2.events.RemoteSettingsChanged):
+        elif isinstance(event, _CONTROL):
             if not self.control.hit(now):
                 self.closing = (ErrorCodes.ENHANCE_YOUR_CALM, "PING/SETTINGS flood")
             if isinstance(event, h2.events.RemoteSettingsChanged):
@@ -235,7 +242,7 @@ class H2Server:
 
     def _reject(self, sid: int, status: int, request_open: bool) -> None:
         """Answer a stream we will not serve (431/400) with a bodiless response."""
-        self.h2.send_headers(sid, [(":status", str(status)), ("content-length", "0")], end_stream=True)
+        self.h2.send_headers(sid, [(b":status", b"%d" % status), (b"content-length", b"0")], end_stream=True)
         if request_open:
             self._reset(sid, ErrorCodes.NO_ERROR)  # RFC 9113 §8.1: response complete, stop sending
 
@@ -244,7 +251,7 @@ class H2Server:
             self.h2.reset_stream(sid, code)
         except h2.exceptions.H2Error:
             pass
-        self._dirty = True
+        self._want.set()
 
     def credit(self, body: RequestBody, flow: int) -> None:
         """Return ``flow`` bytes of window for data the handler has read."""
@@ -259,8 +266,7 @@ class H2Server:
                 self.h2.acknowledge_received_data(flow, sid)
             except h2.exceptions.H2Error:
                 pass
-            self._dirty = True
-            self._kick()
+            self._want.set()
 
     # -- stream tasks ----------------------------------------------------------------------
     async def _serve_stream(self, st: _Stream) -> None:
@@ -279,7 +285,8 @@ class H2Server:
             self._reset(st.sid, ErrorCodes.INTERNAL_ERROR)
         finally:
             if resp is not None and resp.aclose is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(self.limits.drain_timeout):
+                deadline = trio.current_time() + self.limits.drain_timeout
+                with trio.CancelScope(shield=True, deadline=deadline):
                     try:
                         await resp.aclose()
                     except Exception:
@@ -300,7 +307,7 @@ class H2Server:
         no_body = st.head.method == "HEAD" or head.status in (204, 304)
         if no_body or (isinstance(body, _BYTES) and not body):
             h2c.send_headers(st.sid, headers, end_stream=True)
-            await self.flush()
+            self._want.set()
             return
         h2c.send_headers(st.sid, headers)
         if isinstance(body, _BYTES):
@@ -313,18 +320,19 @@ class H2Server:
         except ProtocolError as exc:  # the upstream broke mid-body: reset, never truncate
             log.info("response body of stream %d cut: %s", st.sid, exc)
             self._reset(st.sid, ErrorCodes.INTERNAL_ERROR)
-            await self.flush()
+            self._want.set()
             return
         trailers = body_trailers(body)
         if trailers:
             h2c.send_headers(st.sid, trailer_headers(trailers), end_stream=True)
         else:
             h2c.end_stream(st.sid)
-        await self.flush()
+        self._want.set()
 
     async def _send_data(self, sid: int, data: bytes, *, end: bool = False) -> None:
-        """Send ``data`` as DATA frames within the peer's windows, waiting for WINDOW_UPDATEs;
-        ``end``: END_STREAM on the last frame."""
+        """Queue ``data`` as DATA frames within the peer's windows, waiting for WINDOW_UPDATEs
+        and, above ``WRITE_HIGH_WATER`` queued bytes, for the writer; ``end``: END_STREAM on
+        the last frame."""
         h2c, view, sent = self.h2, memoryview(data), 0
         while sent < len(data):
             room = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size, len(data) - sent)
@@ -335,7 +343,11 @@ class H2Server:
             sent += room
             h2c.send_data(sid, data if room == len(data) else bytes(view[sent - room:sent]),
                           end_stream=end and sent == len(data))
-            await self.flush()
+            self._queued += room
+            self._want.set()
+            while self._queued >= WRITE_HIGH_WATER:
+                with trio.fail_after(self.limits.stream_idle_timeout):
+                    await self._sent.wait()
 
     def _finish(self, st: _Stream) -> None:
         self.streams.pop(st.sid, None)
@@ -346,7 +358,6 @@ class H2Server:
         if st.body.unacked:
             self._credit_closed(st.sid, st.body.unacked)
             st.body.unacked = 0
-        self._kick()
         if not self.streams:
             self._idle.set()
             self._read_deadline = trio.current_time() + self.limits.idle_timeout
@@ -358,23 +369,27 @@ class H2Server:
         """Send everything h2 has queued (one writer at a time; blocks while the peer does not
         read, which is the backpressure, up to ``stream_idle_timeout``)."""
         async with self._send_lock:
-            self._dirty = False
+            self._queued = 0
             data = self.h2.data_to_send()
             if data:
                 with trio.fail_after(self.limits.stream_idle_timeout):
                     await self.stream.send_all(data)
+            self._sent.set()
+            self._sent = trio.Event()
 
-    def _kick(self) -> None:
-        """Flush soon from a helper task (window credits, resets made outside a flush)."""
-        if self._dirty and self.nursery is not None:
-            self._dirty = False
-            self.nursery.start_soon(self._flush_quietly)
-
-    async def _flush_quietly(self) -> None:
+    async def writer(self) -> None:
+        """Send h2's output whenever a stream queued some, after one checkpoint so that every
+        stream task woken in the same scheduler batch adds its frames to the same send. A peer
+        that stops reading for ``stream_idle_timeout`` ends the connection."""
         try:
-            await self.flush()
+            while True:
+                await self._want.wait()
+                self._want = trio.Event()
+                await trio.lowlevel.checkpoint()
+                await self.flush()
         except _PEER_GONE:
-            pass
+            if self.nursery is not None:
+                self.nursery.cancel_scope.cancel()
 
     async def _goaway(self, code: ErrorCodes, why: str) -> None:
         """GOAWAY (``code``, last stream processed) without ending h2's state machine."""
@@ -416,5 +431,10 @@ class H2Server:
             with trio.move_on_after(self.limits.drain_timeout):
                 self._idle = trio.Event()
                 await self._idle.wait()
+        with trio.move_on_after(1.0):  # the last responses, queued for the writer
+            try:
+                await self.flush()
+            except _PEER_GONE:
+                pass
         assert self.nursery is not None
         self.nursery.cancel_scope.cancel()

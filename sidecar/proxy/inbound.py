@@ -3,10 +3,14 @@
 Checks authorization first (Istio AuthorizationPolicy, ``core.authz``: DENY before ALLOW,
 principal = the caller's SPIFFE ID from mTLS): a denied request gets 403 ``RBAC: access denied``
 and never reaches the app. Then it forwards to ``app_address:app_port`` over a pooled keep-alive
-connection,
-strips the ``x-meshd-peer`` metadata (after reading it for ``reporter="destination"`` metrics)
-and answers 503 (``UF``) when the app refuses connections. mTLS termination and authorization
-policy plug in here in later issues.
+connection, strips the ``x-meshd-peer`` metadata (after reading it for ``reporter="destination"``
+metrics) and answers 503 (``UF``) when the app refuses connections.
+
+``x-forwarded-*`` (``core.headers.forwarded_headers``, Envoy/Istio): a caller verified by mTLS
+is a trusted sidecar — its ``x-forwarded-for`` passes, ``x-forwarded-proto`` is set to ``https``
+if absent and ``By=<our SPIFFE ID>;URI=<caller's>`` is appended to ``x-forwarded-client-cert``;
+a plain-text caller (PERMISSIVE/DISABLE) is treated like an app at the edge: its address is
+appended to ``x-forwarded-for`` and its ``x-forwarded-client-cert`` and internal headers dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from meshd.errors import MeshError
 from sidecar.bootstrap import Bootstrap
 from sidecar.core.authz import Authorizer, AuthzRequest, normalize_path
+from sidecar.core.headers import forwarded_headers
 from sidecar.http.client import UpstreamPool
 from sidecar.http.messages import Body, ConnInfo, RequestHead, Response
 from sidecar.http2.grpc import grpc_local_reply
@@ -66,8 +71,12 @@ class Inbound:
         if denied is not None:
             self._observe(source, 403, "RBAC", start)
             return denied
+        mtls = info.principal is not None
+        headers = forwarded_headers(head.headers, remote_ip=info.peer[0] if info.peer else None,
+                                    scheme="https" if mtls else "http", peer_id=info.principal,
+                                    own_id=self._me().principal if mtls else None)
         out = head.replace(target=_normalized(head.path),
-                           headers=tuple(h for h in head.headers if h[0] != PEER_HEADER))
+                           headers=tuple(h for h in headers if h[0] != PEER_HEADER))
         try:
             if self.upgrade is not None and out.header("upgrade") is not None:
                 resp = await self.upgrade(self.boot.app_address, self.boot.app_port, out)

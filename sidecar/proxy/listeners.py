@@ -26,6 +26,7 @@ import trio
 from sidecar import lifecycle
 from sidecar.bootstrap import Upstream
 from sidecar.core.sniff import DETECTION_MAX_BYTES, DETECTION_TIMEOUT, Detected, detect
+from sidecar.http.limits import DEFAULT_SERVER_LIMITS, ServerLimits
 from sidecar.http.messages import Body, ConnInfo, Handler, RequestHead, Response
 from sidecar.http2.dispatch import serve_http
 from sidecar.identity.tls import PrefixedStream
@@ -63,12 +64,12 @@ async def detect_stream(stream: trio.abc.Stream, timeout: float = DETECTION_TIME
 
 
 async def serve_outbound(handler: Handler, tunnels: Tunnels, stream: trio.abc.Stream,
-                         info: ConnInfo) -> None:
+                         info: ConnInfo, *, h1_limits: ServerLimits = DEFAULT_SERVER_LIMITS) -> None:
     """HTTP (also when undecided: a pre-connected client keeps the HTTP idle timeout), SNI
     passthrough for TLS, reset for anything else."""
     proto, stream = await detect_stream(stream, undecided="http1")
     if proto in ("http1", "h2"):
-        await serve_http(stream, handler, info, wrap_h1=lifecycle.drainable)
+        await serve_http(stream, handler, info, h1_limits=h1_limits, wrap_h1=lifecycle.drainable)
     elif proto == "tls":
         await tunnels.sni_passthrough(stream)
     else:
@@ -87,7 +88,7 @@ def for_service(handler: Handler, authority: str) -> Handler:
 
 
 async def serve_upstream(up: Upstream, handler: Handler, tcp: TcpProxy, stream: trio.abc.Stream,
-                         info: ConnInfo) -> None:
+                         info: ConnInfo, *, h1_limits: ServerLimits = DEFAULT_SERVER_LIMITS) -> None:
     """One connection to the localhost port of ``up`` (see module doc)."""
     port = up.port or up.local_port
     declared = tcp.protocol(up.service)
@@ -97,7 +98,7 @@ async def serve_upstream(up: Upstream, handler: Handler, tcp: TcpProxy, stream: 
     proto, stream = await detect_stream(stream)
     if proto in ("http1", "h2"):
         http = for_service(handler, up.service if not up.port else f"{up.service}:{up.port}")
-        await serve_http(stream, http, info, wrap_h1=lifecycle.drainable)
+        await serve_http(stream, http, info, h1_limits=h1_limits, wrap_h1=lifecycle.drainable)
     elif declared:
         log.info("upstream %s is %s, the client sent %s bytes: reset", up.service, declared, proto)
         await abort(stream)

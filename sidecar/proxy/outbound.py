@@ -6,7 +6,10 @@ route match (``core.router``, source = this sidecar's service and labels) -> red
 response -> fault injection (delay ``DI``, abort ``FI``) -> request header ops and rewrites ->
 mirror copy (fire-and-forget) -> ``Forwarder`` (circuit breaker, load balancer, retries,
 timeouts, outlier detection) -> response header ops. Hosts outside the mesh go out only if an
-egress rule allows them, else 502 (Istio REGISTRY_ONLY).
+egress rule allows them, else 502 (Istio REGISTRY_ONLY). The app is outside the mesh's trust:
+its ``x-forwarded-for`` gets the app's address appended, ``x-forwarded-proto`` is set, and its
+``x-forwarded-client-cert`` and ``x-meshd-*`` / ``x-envoy-*`` headers are dropped
+(``core.headers.forwarded_headers``) before this sidecar adds its own ``x-meshd-peer``.
 
 Request bodies with a known length of at most ``REPLAY_BUFFER_BYTES`` are read whole first so
 that retries and mirrors can replay them (Envoy buffers for retries the same way).
@@ -26,6 +29,7 @@ from meshd.errors import MeshError, NoHealthyUpstream, UpstreamConnectError
 from meshd.snapshot.model import Endpoint, Route
 from sidecar.bootstrap import Bootstrap
 from sidecar.core.hashing import request_hash
+from sidecar.core.headers import forwarded_headers
 from sidecar.core.ratelimit import (
     LocalLimiter,
     RateDecision,
@@ -118,7 +122,7 @@ class Outbound:
                               self.boot.service, self.boot.labels)
             target = self._applied().router.resolve(req)
             if isinstance(target, EgressTarget):
-                resp = await self._to_egress(target, self._out_head(head), body)
+                resp = await self._to_egress(target, self._out_head(head, _remote_ip(info)), body)
             else:
                 resp, dest, flags = await self._to_mesh(target, head, body, info)
         except MeshError as exc:
@@ -134,8 +138,11 @@ class Outbound:
                              code=code, flags=flags, millis=(time.perf_counter() - start) * 1000,
                              grpc_status=grpc)
 
-    def _out_head(self, head: RequestHead) -> RequestHead:
-        headers = [(k, v) for k, v in head.headers if k != PEER_HEADER]
+    def _out_head(self, head: RequestHead, remote_ip: str | None = None) -> RequestHead:
+        """``head`` as it leaves for the upstream: origin-form target, the app's headers
+        sanitized at the mesh edge (``forwarded_headers``; ``remote_ip`` = the app's address
+        appended to ``x-forwarded-for``), ``x-request-id`` and ``host`` added when missing."""
+        headers = list(forwarded_headers(head.headers, remote_ip=remote_ip))
         if head.header("x-request-id") is None:
             headers.append(("x-request-id", str(uuid.uuid4())))
         if head.header("host") is None:
@@ -162,7 +169,7 @@ class Outbound:
         if fault.abort_grpc_status is not None:
             return grpc_reply(fault.abort_grpc_status, "fault filter abort",
                               (("x-meshd-response-flags", "FI"),)), Peer(), "FI"
-        out = self._rewrite(route, self._out_head(head))
+        out = self._rewrite(route, self._out_head(head, _remote_ip(info)))
         payload = await _buffer_small(body)
         if route.retry is not None and not isinstance(payload, bytes) and is_grpc(head):
             payload = RecordingBody(payload, REPLAY_BUFFER_BYTES)  # streamed, replayable if small
@@ -243,6 +250,11 @@ class Outbound:
             except UpstreamConnectError as exc:
                 last = exc
         raise last
+
+
+def _remote_ip(info: ConnInfo) -> str | None:
+    """The downstream (app) address of a connection, for ``x-forwarded-for``."""
+    return info.peer[0] if info.peer else None
 
 
 def _deadline(route_timeout: float | None, head: RequestHead) -> float | None:

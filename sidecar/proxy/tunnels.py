@@ -80,8 +80,9 @@ class Tunnels:
         """The outbound handler for CONNECT and Upgrade requests."""
         start = time.perf_counter()
         host = split_authority(head.authority)[0] if head.authority else "unknown"
+        remote_ip = info.peer[0] if info.peer else None
         try:
-            resp = self._connect(head) if head.method == "CONNECT" else await self._upgrade(head)
+            resp = self._connect(head) if head.method == "CONNECT" else await self._upgrade(head, remote_ip)
         except MeshError as exc:
             resp = error_response(exc)
             self.outbound._observe(Peer(app=host, workload=host), host, resp.head.status,
@@ -115,21 +116,21 @@ class Tunnels:
             return
         await self.tcp.proxy(stream, hello.sni, EGRESS_TLS_PORT)
 
-    async def _upgrade(self, head: RequestHead) -> Response:
+    async def _upgrade(self, head: RequestHead, remote_ip: str | None = None) -> Response:
         out, boot = self.outbound, self.outbound.boot
         target = out._applied().router.resolve(
             RequestInfo(head.authority, head.method, head.path, head.headers, boot.service, boot.labels))
         if isinstance(target, EgressTarget):
             addrs = [split_authority(e) for e in target.endpoints] or [(target.host, target.port)]
             stream = await _open_any(addrs)
-            return await forward_upgrade(stream, out._out_head(head))
+            return await forward_upgrade(stream, out._out_head(head, remote_ip))
         route = target.policy
         assert route is not None
         local = out._local_action(route, head)
         if local is not None:
             return local
         stream, idle = await self._open_mesh(target)
-        sent = out._rewrite(route, out._out_head(head))
+        sent = out._rewrite(route, out._out_head(head, remote_ip))
         sent = sent.replace(headers=(*sent.headers, (PEER_HEADER, out._peer_value)))
         return await forward_upgrade(stream, sent, timeout=route.timeout or UPGRADE_RESPONSE_TIMEOUT,
                                      idle_timeout=idle)

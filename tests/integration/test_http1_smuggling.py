@@ -31,13 +31,15 @@ import h11
 import pytest
 
 from meshd.demo.harness import MeshHarness, wait_until
-from sidecar.http.limits import HEADER_READ_TIMEOUT
+from sidecar.http.limits import HEADER_READ_TIMEOUT, LINGER_TIMEOUT
 from tests.integration.test_http_layer import SMUGGLING
 
 pytestmark = pytest.mark.slow
 
 MiB = 1024 * 1024
-PARALLEL = 50  # cases sent at once: a closing connection may linger up to 1 s in the sidecar
+# cases sent at once; more makes a loaded CI box queue mTLS handshakes past the 1 s connect
+# timeout (503 UF)
+PARALLEL = 10
 H = "POST / HTTP/1.1\r\nHost: a\r\n"
 G = "GET / HTTP/1.1\r\nHost: a\r\n"
 TE = H + "Transfer-Encoding: chunked\r\n\r\n"
@@ -329,7 +331,7 @@ def test_corpus_rejected_closed_and_never_forwarded(mesh: Mesh, listener: str) -
             return name, [(r[0], r[1].get("connection")) for r in got]
         return None
 
-    with ThreadPoolExecutor(PARALLEL) as pool:  # each closing connection lingers up to 1 s
+    with ThreadPoolExecutor(PARALLEL) as pool:  # bounded: see PARALLEL
         wrong = [w for w in pool.map(run, CORPUS) if w is not None]
     seen = [r for r in mesh.recorder.all_requests() if r[1].startswith(f"/good/{listener}/")]
     unexpected = [r[:2] for r in mesh.recorder.all_requests() if "smuggled" in r[1] or r[1] == "/"]
@@ -424,6 +426,8 @@ def test_heads_just_under_the_limits_pass(mesh: Mesh) -> None:
 def test_sidecar_process_closes_slowloris_at_its_default_header_timeout(mesh: Mesh) -> None:
     """The shipped defaults, end to end: 200 connections trickling a head into the outbound
     listener get 408 + close after HEADER_READ_TIMEOUT (10 s) while requests keep succeeding.
+    The FIN follows the 408 at once (the drain wrapper passes ``send_eof``), not after the 1 s
+    linger: every close would come at >= 11 s otherwise.
     (The 1000-connection run with a small configured limit is in test_http1_dos.py.)"""
     n, timeout = 200, HEADER_READ_TIMEOUT
     socks = [socket.create_connection(("127.0.0.1", mesh.ports["outbound"]), timeout=5) for _ in range(n)]
@@ -461,5 +465,5 @@ def test_sidecar_process_closes_slowloris_at_its_default_header_timeout(mesh: Me
           f"got 408 + close after {times[0]:.1f}..{times[-1]:.1f} s (default {timeout:g} s); "
           f"{ok} requests ok, {failed} failed meanwhile")
     assert len(closed) == n and all(g.startswith(b"HTTP/1.1 408 ") for g in got.values())
-    assert timeout - 0.5 <= times[0] and times[-1] <= timeout + 5
+    assert timeout - 0.5 <= times[0] < timeout + LINGER_TIMEOUT and times[-1] <= timeout + 5
     assert ok >= 5 and failed == 0

@@ -264,9 +264,10 @@ def test_locality_prefers_own_zone_fails_over_and_comes_back(tmp_path: Path) -> 
                   f"{tried_a:.0f} attempts still sent to zone a")
             assert failover["failed"] <= 2, failover  # >= 99 % succeed
             assert failover["a"] == 0 and failover["b"] >= 198, failover
-            # both zone-a endpoints are ejected: at most one re-probe round (2 failures each)
-            # if the 2 s ejection ran out during the 200 requests
-            assert tried_a <= 4, tried_a
+            # both zone-a endpoints are ejected: one re-probe round (2 failures each) per
+            # ejection that runs out during the 200 requests; the ejection time grows, so a
+            # slow (loaded CI) box sees at most two rounds
+            assert tried_a <= 8, tried_a
 
             restarted_at = time.monotonic()
             for name in ("echo-a1", "echo-a2"):
