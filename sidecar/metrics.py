@@ -2,8 +2,12 @@
 
 Names and labels are Istio's (istio.io "Istio Standard Metrics") so Grafana/Kiali dashboards work:
 ``istio_requests_total`` (counter) and ``istio_request_duration_milliseconds`` (histogram with
-Envoy's default buckets). ``reporter`` is ``source`` on the outbound side and ``destination``
-on the inbound side; unknown values are the literal ``"unknown"``.
+Envoy's default buckets); for TCP connections ``istio_tcp_connections_opened_total``,
+``istio_tcp_connections_closed_total``, ``istio_tcp_sent_bytes_total`` (bytes sent to the
+downstream: the response direction) and ``istio_tcp_received_bytes_total`` (bytes received from
+the downstream), with the HTTP labels minus ``response_code``/``grpc_response_status``
+(``request_protocol`` ``tcp``). ``reporter`` is ``source`` on the outbound side and
+``destination`` on the inbound side; unknown values are the literal ``"unknown"``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ LABELS = (
     "destination_service_name", "destination_service_namespace", "request_protocol",
     "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
 )
+TCP_LABELS = tuple(n for n in LABELS if n not in ("response_code", "grpc_response_status"))
 UNKNOWN = "unknown"
 
 
@@ -36,6 +41,17 @@ class Peer:
     app: str = UNKNOWN
     version: str = UNKNOWN
     principal: str = UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class TcpChildren:
+    """The four TCP counters of one label set: ``opened``, ``closed``, ``sent``, ``received``
+    (prometheus_client children; ``inc(n)``)."""
+
+    opened: Any
+    closed: Any
+    sent: Any
+    received: Any
 
 
 class Metrics:
@@ -62,6 +78,16 @@ class Metrics:
         self.authz_dry_run = Counter("meshd_sidecar_authz_dry_run_denied",
                                      "Requests a dry-run policy would deny", ["policy"],
                                      registry=self.registry)
+        self.tcp_opened = Counter("istio_tcp_connections_opened", "TCP connections opened",
+                                  TCP_LABELS, registry=self.registry)
+        self.tcp_closed = Counter("istio_tcp_connections_closed", "TCP connections closed",
+                                  TCP_LABELS, registry=self.registry)
+        self.tcp_sent = Counter("istio_tcp_sent_bytes", "Bytes sent to the downstream (response)",
+                                TCP_LABELS, registry=self.registry)
+        self.tcp_received = Counter("istio_tcp_received_bytes",
+                                    "Bytes received from the downstream (request)", TCP_LABELS,
+                                    registry=self.registry)
+        self._tcp_children: dict[tuple[str, ...], TcpChildren] = {}  # as _children
         self.rate_limited = Counter("meshd_sidecar_rate_limited", "Requests refused with 429",
                                     ["limit"], registry=self.registry)
 
@@ -83,6 +109,24 @@ class Metrics:
             self._children[values] = children
         children[0].inc()
         children[1].observe(millis)
+
+    def tcp(self, *, reporter: str, source: Peer, destination: Peer, service: str,
+            flags: str) -> TcpChildren:
+        """The TCP counters of one connection's labels (cached per label set, as ``observe``);
+        the caller increments them: ``opened`` once, ``sent``/``received`` by bytes, ``closed``
+        once at the end."""
+        values = (
+            reporter, source.workload, source.namespace, source.principal, source.app,
+            source.version, destination.workload, destination.namespace, destination.principal,
+            destination.app, destination.version, service, service.split(".")[0],
+            destination.namespace, "tcp", flags or "-", _security(reporter, source),
+        )
+        children = self._tcp_children.get(values)
+        if children is None:
+            children = TcpChildren(self.tcp_opened.labels(*values), self.tcp_closed.labels(*values),
+                                   self.tcp_sent.labels(*values), self.tcp_received.labels(*values))
+            self._tcp_children[values] = children
+        return children
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """(body, content type) negotiated from the scrape's Accept header."""

@@ -12,6 +12,8 @@
   default 1 h) closes both.
 
 Both streams are always closed when ``pump`` returns; ``trio.Cancelled`` aborts them too.
+``on_bytes(a_to_b, n)`` (optional) is called after each chunk of ``n`` bytes is written, so
+byte counters (``istio_tcp_*_bytes_total``) follow long connections while they run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +34,7 @@ DEFAULT_IDLE_TIMEOUT = 3600.0  # seconds; Envoy tcp_proxy idle_timeout default (
 CLOSE_TIMEOUT = 1.0  # seconds a graceful close may take before the socket is dropped
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _LINGER_RESET = struct.pack("ii", 1, 0)
+OnBytes = Callable[[bool, int], None]  # (a_to_b, bytes written)
 
 
 @dataclass
@@ -108,8 +112,10 @@ def _more_records(tls: trio.abc.Stream, data: bytes) -> bytes:
 
 
 class _Pump:
-    def __init__(self, idle_timeout: float, a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+    def __init__(self, idle_timeout: float, a: trio.abc.Stream, b: trio.abc.Stream,
+                 on_bytes: OnBytes | None) -> None:
         self.idle_timeout = idle_timeout
+        self.on_bytes = on_bytes
         self.tls_src = {True: _decrypts(a), False: _decrypts(b)}
         self.scope = trio.CancelScope()
         self.result = PumpResult()
@@ -131,6 +137,8 @@ class _Pump:
                     self.result.a_to_b += len(data)
                 else:
                     self.result.b_to_a += len(data)
+                if self.on_bytes is not None:
+                    self.on_bytes(forward, len(data))
             await send_eof(dst)
         except _IO_ERRORS:
             self.result.end = "reset"
@@ -138,10 +146,11 @@ class _Pump:
 
 
 async def pump(a: trio.abc.Stream, b: trio.abc.Stream, *,
-               idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> PumpResult:
+               idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+               on_bytes: OnBytes | None = None) -> PumpResult:
     """Copy both ways until both directions ended, one side reset, or ``idle_timeout`` s of
     silence; closes (or aborts) both streams. See the module docstring."""
-    p = _Pump(idle_timeout, a, b)
+    p = _Pump(idle_timeout, a, b, on_bytes)
     p._touch()
     graceful = False
     try:
