@@ -133,7 +133,9 @@ def test_leaf_rotation_under_load_loses_no_request(mesh: MeshHarness) -> None:
         time.sleep(24)
     renewals = _certs(mesh, "echo-1")["identity"]["renewals"]
     assert renewals >= 10, renewals
-    assert set(load.codes) == {200} and load.codes[200] > 1500, load.codes
+    # 4800 offered; a loaded 2-vCPU CI box with two test workers achieves ~1500, and > 500
+    # still means traffic in flight across every one of the >= 10 renewals
+    assert set(load.codes) == {200} and load.codes[200] > 500, load.codes
 
 
 def _ca(mesh: MeshHarness, step: str) -> None:
