@@ -42,16 +42,15 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 
 from meshd.errors import ConfigError
-from meshd.rules.locate import line_of
+from meshd.rules.locate import convert_located, line_of
 from registry.guard import GUARD_HOLD, MAX_REMOVAL_SHARE, MIN_REMOVED, GuardPolicy
 
 T = TypeVar("T")
-_PATH_RE = re.compile(r"[.\[]?([A-Za-z_][A-Za-z0-9_-]*|\d+)\]?")
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DOCKER_SOCKET = "unix:///var/run/docker.sock"  # docker.from_env() default
 ETCD_ENDPOINT = "http://127.0.0.1:2379"        # etcd's default client URL
@@ -142,20 +141,7 @@ def toml_struct(text: str, file: str, typ: type[T]) -> T:
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(str(exc), file=file, line=int(m.group(1)) if m else 0) from exc
-    return convert(data, text, file, typ)
-
-
-def convert(data: Any, text: str, file: str, typ: type[T]) -> T:
-    try:
-        return msgspec.convert(data, typ)
-    except msgspec.ValidationError as exc:
-        msg, _, path = str(exc).partition(" - at `$")
-        parts: list[str | int] = [int(p) if p.isdigit() else p for p in _PATH_RE.findall(path)]
-        extra = re.search(r"unknown field `([^`]+)`", msg)
-        if extra:
-            parts.append(extra.group(1))
-        raise ConfigError(msg, file=file, line=line_of(text, tuple(parts)),
-                          field=".".join(str(p) for p in parts)) from exc
+    return convert_located(data, text, file, typ)
 
 
 def _check(cfg: MeshdConfig, text: str, file: str) -> None:

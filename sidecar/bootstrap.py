@@ -48,7 +48,7 @@ from typing import Literal
 import msgspec
 
 from meshd.errors import ConfigError
-from meshd.rules.locate import line_of
+from meshd.rules.locate import convert_located, line_of
 from registry.config import RegistrarConfig
 from sidecar.http.limits import ServerLimits, server_limits
 
@@ -58,7 +58,6 @@ DEFAULT_ADMIN_PORT = 15000     # Envoy/Istio admin port
 DEFAULT_MESHD_ADDR = "http://127.0.0.1:15010"
 DEFAULT_TTL = 10.0             # seconds
 DEFAULT_DRAIN = 5.0            # seconds; Envoy drain_timeout default
-_PATH_RE = re.compile(r"[.\[]?([A-Za-z_][A-Za-z0-9_-]*|\d+)\]?")
 
 
 class Upstream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -161,16 +160,7 @@ def parse(text: str, file: str = "<bootstrap>", env: dict[str, str] | None = Non
         raise ConfigError(str(exc), file=file, line=int(m.group(1)) if m else 0) from exc
     if isinstance(data.get("limits"), dict):  # before msgspec: errors name limits.<field>
         _check_limits(data["limits"], file, text)
-    try:
-        boot = msgspec.convert(data, Bootstrap)
-    except msgspec.ValidationError as exc:
-        msg, _, path = str(exc).partition(" - at `$")
-        parts: list[str | int] = [int(p) if p.isdigit() else p for p in _PATH_RE.findall(path)]
-        unknown = re.search(r"unknown field `([^`]+)`", msg)
-        if unknown:
-            parts.append(unknown.group(1))
-        field = ".".join(str(p) for p in parts)
-        raise ConfigError(msg, file=file, line=line_of(text, tuple(parts)), field=field) from exc
+    boot = convert_located(data, text, file, Bootstrap)
     problems = _check(boot)
     if problems:
         field, reason = problems[0]

@@ -215,6 +215,12 @@ class MeshHarness:
             wait_until(lambda p=port: self.http.get(f"http://127.0.0.1:{p}/ready").status_code
                        == 200, timeout, f"sidecar {name} /ready")
 
+    def wait_certs(self, *names: str, timeout: float = 15.0) -> None:
+        """Wait until each named sidecar (default: all) holds a workload certificate."""
+        for name in names or list(self.sidecars):
+            wait_until(lambda n=name: self.admin_json(n, "/certs")["identity"]["serial"] != "",  # type: ignore[index]
+                       timeout, f"{name} certificate")
+
     def api(self, method: str, path: str, **kw: object) -> httpx.Response:
         return self.http.request(method, f"{self.meshd_addr}{path}", **kw)  # type: ignore[arg-type]
 

@@ -27,8 +27,16 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+from meshd.errors import ConfigError
 
 Path = tuple[str | int, ...]
+T = TypeVar("T")
+_MSGSPEC_PATH = re.compile(r"[.\[]?([A-Za-z_][A-Za-z0-9_-]*|\d+)\]?")
 
 _BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _SCALAR_END = frozenset(",]}#\r\n")
@@ -47,6 +55,22 @@ def line_of(text: str, path: Path) -> int:
         if line is not None:
             return line
     return 0
+
+
+def convert_located(data: Any, text: str, file: str, typ: type[T]) -> T:
+    """``msgspec.convert(data, typ)`` of a TOML document parsed from ``text``; a validation
+    error becomes ``ConfigError`` with ``file``, the line of the offending field and the dotted
+    field path (an unknown field's own name included)."""
+    try:
+        return msgspec.convert(data, typ)
+    except msgspec.ValidationError as exc:
+        msg, _, where = str(exc).partition(" - at `$")
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in _MSGSPEC_PATH.findall(where)]
+        unknown = re.search(r"unknown field `([^`]+)`", msg)
+        if unknown:
+            parts.append(unknown.group(1))
+        raise ConfigError(msg, file=file, line=line_of(text, tuple(parts)),
+                          field=".".join(str(p) for p in parts)) from exc
 
 
 @functools.lru_cache(maxsize=8)

@@ -48,11 +48,12 @@ REPLAY_BUFFER_BYTES = 64 * 1024  # streamed body kept to replay after a stale ke
 POOL_REAP_INTERVAL = 1.0  # at most one sweep of expired idle connections per second
 
 
-def _check_positive(obj: object) -> None:
-    """Raise ``ConfigError`` naming the first field of a limits dataclass that is not > 0."""
+def check_positive(obj: object, allow_zero: tuple[str, ...] = ()) -> None:
+    """Raise ``ConfigError`` naming the first field of a limits dataclass that is not > 0
+    (fields named in ``allow_zero`` may be 0: "unlimited")."""
     for f in fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, f.name)
-        if not value > 0:
+        if not (value > 0 or (value == 0 and f.name in allow_zero)):
             raise ConfigError(f"must be > 0, got {value!r}", field=f"{type(obj).__name__}.{f.name}")
 
 
@@ -74,7 +75,7 @@ class ServerLimits:
     max_connections: int = MAX_CONNECTIONS  # per listener, enforced by ``server.gated``
 
     def __post_init__(self) -> None:
-        _check_positive(self)
+        check_positive(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,7 @@ class ClientLimits:
     max_recv: int = MAX_RECV
 
     def __post_init__(self) -> None:
-        _check_positive(self)
+        check_positive(self)
 
 
 DEFAULT_SERVER_LIMITS = ServerLimits()

@@ -41,7 +41,8 @@ from sidecar.http.messages import Body, RequestHead, Response, buffered_body
 from sidecar.http2.bodies import ResponseStream, reset_error
 from sidecar.http2.convert import request_headers, response_head, trailers_of
 from sidecar.http2.h2conn import new_connection
-from sidecar.http2.limits import DEFAULT_H2_CLIENT_LIMITS, WRITE_HIGH_WATER, H2ClientLimits
+from sidecar.http2.limits import DEFAULT_H2_CLIENT_LIMITS, H2ClientLimits
+from sidecar.http2.sender import H2Sender
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
@@ -52,7 +53,7 @@ class NotH2(UpstreamConnectError):
     """The endpoint's TLS handshake did not choose ``h2`` (an HTTP/1.1-only peer)."""
 
 
-class H2Conn:
+class H2Conn(H2Sender):
     """One upstream HTTP/2 connection and its reader."""
 
     def __init__(self, key: Key, stream: trio.abc.Stream, limits: H2ClientLimits, scheme: str) -> None:
@@ -70,11 +71,7 @@ class H2Conn:
         self.closed = False
         self.going_away = False
         self.idle_since = trio.current_time()
-        self._lock = trio.StrictFIFOLock()
-        self._window = trio.Event()
-        self._want = trio.Event()  # wakes the writer
-        self._sent = trio.Event()  # set (and replaced) after each write
-        self._queued = 0  # DATA bytes queued in h2 since the writer last took its output
+        self._init_sender()
 
     @property
     def usable(self) -> bool:
@@ -83,22 +80,7 @@ class H2Conn:
         return len(self.streams) < self.h2.remote_settings.max_concurrent_streams
 
     async def start(self) -> None:
-        self.h2.initiate_connection()
-        extra = self.limits.connection_window - 65_535
-        if extra > 0:
-            self.h2.increment_flow_control_window(extra)
-        await self.flush()
-
-    async def flush(self) -> None:
-        """Send what h2 has queued now (one writer at a time)."""
-        async with self._lock:
-            self._queued = 0
-            data = self.h2.data_to_send()
-            if data:
-                with trio.fail_after(self.limits.stream_idle_timeout):
-                    await self.stream.send_all(data)
-            self._sent.set()
-            self._sent = trio.Event()
+        await self.initiate(self.limits.connection_window)
 
     async def flush_quietly(self) -> None:
         try:
@@ -111,23 +93,13 @@ class H2Conn:
         frames of all streams queued in the same scheduler batch share one send (one TLS
         record). An upstream that stops reading for ``stream_idle_timeout`` fails the connection."""
         try:
-            while not self.closed:
-                await self._want.wait()
-                self._want = trio.Event()
-                await trio.lowlevel.checkpoint()
-                await self.flush()
+            await self.write_loop()
         except _IO_ERRORS as exc:
             self._lost(reset_error(f"sending to {self.name}: {exc!r}"))
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)  # ends the read loop too
 
-    def credit(self, sid: int, flow: int) -> None:
-        if flow > 0 and not self.closed:
-            try:
-                self.h2.acknowledge_received_data(flow, sid)
-            except h2.exceptions.H2Error:
-                pass
-            self._want.set()
+    credit = H2Sender.acknowledge  # what a ResponseStream calls (bodies.UpstreamConn)
 
     def reset(self, sid: int, code: ErrorCodes) -> None:
         try:
@@ -168,11 +140,11 @@ class H2Conn:
         with ex.send_scope:
             try:
                 if isinstance(body, bytes | bytearray):
-                    await self._send_data(ex.sid, bytes(body), end=True)
+                    await self.send_data(ex.sid, bytes(body), end=True)
                 else:
                     async for chunk in body:
                         if chunk:
-                            await self._send_data(ex.sid, bytes(chunk))
+                            await self.send_data(ex.sid, bytes(chunk))
                     self.h2.end_stream(ex.sid)
                     self._want.set()
                 ex.sending = False
@@ -184,23 +156,6 @@ class H2Conn:
                 log.debug("request body to %s cut: %s", self.name, exc)
                 self.reset(ex.sid, ErrorCodes.CANCEL)
                 ex.fail(reset_error(f"request body cut: {exc}"))
-
-    async def _send_data(self, sid: int, data: bytes, *, end: bool = False) -> None:
-        h2c, view, sent = self.h2, memoryview(data), 0
-        while sent < len(data):
-            room = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size, len(data) - sent)
-            if room <= 0:
-                with trio.fail_after(self.limits.stream_idle_timeout):
-                    await self._window.wait()
-                continue
-            sent += room
-            h2c.send_data(sid, data if room == len(data) else bytes(view[sent - room:sent]),
-                          end_stream=end and sent == len(data))
-            self._queued += room
-            self._want.set()
-            while self._queued >= WRITE_HIGH_WATER and not self.closed:
-                with trio.fail_after(self.limits.stream_idle_timeout):
-                    await self._sent.wait()
 
     # -- reader ------------------------------------------------------------------------------
     async def read_loop(self) -> None:
@@ -227,7 +182,7 @@ class H2Conn:
         ex = self.streams.get(getattr(event, "stream_id", 0) or 0)
         if isinstance(event, h2.events.DataReceived):
             if ex is None:
-                self.credit(event.stream_id, event.flow_controlled_length)
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
             else:
                 ex.feed(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.ResponseReceived):
@@ -249,8 +204,7 @@ class H2Conn:
                 self.streams.pop(event.stream_id, None)
                 ex.fail(self._reset_of(event.error_code))
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            self._window.set()
-            self._window = trio.Event()
+            self.windows_grew()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._goaway(event.last_stream_id or 0)
 

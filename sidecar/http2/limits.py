@@ -11,9 +11,8 @@ header list (HPACK bomb), but has no rapid-reset or control-frame-flood protecti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from meshd.errors import ConfigError
 from sidecar.http.limits import CONNECT_TIMEOUT as CONNECT_TIMEOUT
 from sidecar.http.limits import (
     HEADER_READ_TIMEOUT,
@@ -24,6 +23,7 @@ from sidecar.http.limits import (
     POOL_IDLE_TIMEOUT,
     RESPONSE_TIMEOUT,
     STREAM_IDLE_TIMEOUT,
+    check_positive,
 )
 
 # -- streams and flow control ------------------------------------------------------------------
@@ -58,13 +58,6 @@ DRAIN_TIMEOUT = 5.0  # after GOAWAY, streams may finish for this long; Envoy dra
 PING_TIMEOUT = 10.0  # upstream connection health; gRPC keepalive timeout default 20 s, halved
 
 
-def _check_positive(obj: object, allow_zero: tuple[str, ...] = ()) -> None:
-    for f in fields(obj):  # type: ignore[arg-type]
-        value = getattr(obj, f.name)
-        if not (value > 0 or (value == 0 and f.name in allow_zero)):
-            raise ConfigError(f"must be > 0, got {value!r}", field=f"{type(obj).__name__}.{f.name}")
-
-
 @dataclass(frozen=True, slots=True)
 class H2Limits:
     """Limits of one downstream HTTP/2 connection (``serve_h2``)."""
@@ -87,7 +80,7 @@ class H2Limits:
     max_recv: int = MAX_RECV
 
     def __post_init__(self) -> None:
-        _check_positive(self, allow_zero=("max_streams_per_connection",))
+        check_positive(self, allow_zero=("max_streams_per_connection",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +98,7 @@ class H2ClientLimits:
     max_recv: int = MAX_RECV
 
     def __post_init__(self) -> None:
-        _check_positive(self)
+        check_positive(self)
 
 
 DEFAULT_H2_LIMITS = H2Limits()

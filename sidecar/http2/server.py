@@ -47,7 +47,8 @@ from sidecar.http2.bodies import RequestBody
 from sidecar.http2.convert import request_head, response_headers, trailer_headers
 from sidecar.http2.guard import RateGuard, ResetGuard
 from sidecar.http2.h2conn import new_connection
-from sidecar.http2.limits import DEFAULT_H2_LIMITS, WRITE_HIGH_WATER, H2Limits
+from sidecar.http2.limits import DEFAULT_H2_LIMITS, H2Limits
+from sidecar.http2.sender import H2Sender
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class _Stream:
         self.reset_by_peer = False
 
 
-class H2Server:
+class H2Server(H2Sender):
     """One downstream HTTP/2 connection; see the module docstring."""
 
     def __init__(self, stream: trio.abc.Stream, handler: Handler, info: ConnInfo, limits: H2Limits):
@@ -118,23 +119,15 @@ class H2Server:
         self.draining = False
         self.closing: tuple[ErrorCodes, str] | None = None
         self.failed = False  # h2 found a protocol error (and queued its GOAWAY)
-        self._send_lock = trio.StrictFIFOLock()
-        self._window = trio.Event()  # set when send windows may have grown
+        self._init_sender()
         self._idle = trio.Event()  # set when the last stream of a draining connection ends
-        self._want = trio.Event()  # wakes the writer
-        self._sent = trio.Event()  # set (and replaced) after each write
-        self._queued = 0  # DATA bytes queued in h2 since the writer last took its output
         self._read_scope: trio.CancelScope | None = None
         self._read_deadline = math.inf
 
     # -- read side -------------------------------------------------------------------------
     async def run(self) -> None:
-        lim, h2c = self.limits, self.h2
-        h2c.initiate_connection()
-        extra = lim.connection_window - 65_535
-        if extra > 0:
-            h2c.increment_flow_control_window(extra)
-        await self.flush()
+        lim = self.limits
+        await self.initiate(lim.connection_window)
         self._read_deadline = trio.current_time() + lim.preface_timeout
         try:
             while not self.draining or self.streams:
@@ -179,7 +172,7 @@ class H2Server:
         if isinstance(event, h2.events.DataReceived):
             st = self.streams.get(event.stream_id)
             if st is None:
-                self._credit_closed(event.stream_id, event.flow_controlled_length)
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
             else:
                 st.body.feed(event.data, event.flow_controlled_length)
                 if event.stream_ended:
@@ -193,14 +186,12 @@ class H2Server:
         elif isinstance(event, h2.events.StreamReset):
             self._peer_reset(event.stream_id, now)
         elif isinstance(event, h2.events.WindowUpdated):
-            self._window.set()
-            self._window = trio.Event()
+            self.windows_grew()
         elif isinstance(event, _CONTROL):
             if not self.control.hit(now):
                 self.closing = (ErrorCodes.ENHANCE_YOUR_CALM, "PING/SETTINGS flood")
             if isinstance(event, h2.events.RemoteSettingsChanged):
-                self._window.set()
-                self._window = trio.Event()
+                self.windows_grew()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.draining = True  # the client said goodbye: finish what is open
 
@@ -258,15 +249,7 @@ class H2Server:
         if flow <= 0:
             return
         body.unacked -= flow
-        self._credit_closed(body.sid, flow)
-
-    def _credit_closed(self, sid: int, flow: int) -> None:
-        if flow > 0:
-            try:
-                self.h2.acknowledge_received_data(flow, sid)
-            except h2.exceptions.H2Error:
-                pass
-            self._want.set()
+        self.acknowledge(body.sid, flow)
 
     # -- stream tasks ----------------------------------------------------------------------
     async def _serve_stream(self, st: _Stream) -> None:
@@ -311,12 +294,12 @@ class H2Server:
             return
         h2c.send_headers(st.sid, headers)
         if isinstance(body, _BYTES):
-            await self._send_data(st.sid, bytes(body), end=True)
+            await self.send_data(st.sid, bytes(body), end=True)
             return
         try:
             async for chunk in body:
                 if chunk:
-                    await self._send_data(st.sid, chunk if isinstance(chunk, bytes) else bytes(chunk))
+                    await self.send_data(st.sid, chunk if isinstance(chunk, bytes) else bytes(chunk))
         except ProtocolError as exc:  # the upstream broke mid-body: reset, never truncate
             log.info("response body of stream %d cut: %s", st.sid, exc)
             self._reset(st.sid, ErrorCodes.INTERNAL_ERROR)
@@ -329,26 +312,6 @@ class H2Server:
             h2c.end_stream(st.sid)
         self._want.set()
 
-    async def _send_data(self, sid: int, data: bytes, *, end: bool = False) -> None:
-        """Queue ``data`` as DATA frames within the peer's windows, waiting for WINDOW_UPDATEs
-        and, above ``WRITE_HIGH_WATER`` queued bytes, for the writer; ``end``: END_STREAM on
-        the last frame."""
-        h2c, view, sent = self.h2, memoryview(data), 0
-        while sent < len(data):
-            room = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size, len(data) - sent)
-            if room <= 0:
-                with trio.fail_after(self.limits.stream_idle_timeout):
-                    await self._window.wait()
-                continue
-            sent += room
-            h2c.send_data(sid, data if room == len(data) else bytes(view[sent - room:sent]),
-                          end_stream=end and sent == len(data))
-            self._queued += room
-            self._want.set()
-            while self._queued >= WRITE_HIGH_WATER:
-                with trio.fail_after(self.limits.stream_idle_timeout):
-                    await self._sent.wait()
-
     def _finish(self, st: _Stream) -> None:
         self.streams.pop(st.sid, None)
         if not st.reset_by_peer:
@@ -356,7 +319,7 @@ class H2Server:
             if not st.body.done:
                 self._reset(st.sid, ErrorCodes.NO_ERROR)  # response done, request still open
         if st.body.unacked:
-            self._credit_closed(st.sid, st.body.unacked)
+            self.acknowledge(st.sid, st.body.unacked)
             st.body.unacked = 0
         if not self.streams:
             self._idle.set()
@@ -365,28 +328,12 @@ class H2Server:
                 self._read_scope.deadline = self._read_deadline
 
     # -- write side ------------------------------------------------------------------------
-    async def flush(self) -> None:
-        """Send everything h2 has queued (one writer at a time; blocks while the peer does not
-        read, which is the backpressure, up to ``stream_idle_timeout``)."""
-        async with self._send_lock:
-            self._queued = 0
-            data = self.h2.data_to_send()
-            if data:
-                with trio.fail_after(self.limits.stream_idle_timeout):
-                    await self.stream.send_all(data)
-            self._sent.set()
-            self._sent = trio.Event()
-
     async def writer(self) -> None:
         """Send h2's output whenever a stream queued some, after one checkpoint so that every
         stream task woken in the same scheduler batch adds its frames to the same send. A peer
         that stops reading for ``stream_idle_timeout`` ends the connection."""
         try:
-            while True:
-                await self._want.wait()
-                self._want = trio.Event()
-                await trio.lowlevel.checkpoint()
-                await self.flush()
+            await self.write_loop()
         except _PEER_GONE:
             if self.nursery is not None:
                 self.nursery.cancel_scope.cancel()
@@ -397,7 +344,7 @@ class H2Server:
         frame.last_stream_id = self.last_sid
         frame.error_code = code
         frame.additional_data = why.encode()[:64]
-        async with self._send_lock:
+        async with self._lock:
             data = self.h2.data_to_send() + frame.serialize()
             with trio.move_on_after(1.0):
                 try:

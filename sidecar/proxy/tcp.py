@@ -134,7 +134,7 @@ class TcpProxy:
         target = self.router().resolve(host, port)
         if isinstance(target, EgressTarget):
             addrs = [split_authority(e) for e in target.endpoints] or [(target.host, target.port)]
-            stream = await _first_connect(addrs[:TCP_CONNECT_ATTEMPTS], DEFAULT_CONNECT_TIMEOUT)
+            stream = await first_connect(addrs[:TCP_CONNECT_ATTEMPTS], DEFAULT_CONNECT_TIMEOUT)
             return Upstream(stream, DEFAULT_IDLE_TIMEOUT, Peer(app=host, workload=host))
         self.outbound.sync()
         rt = self.outbound.runtimes.get(target.cluster)
@@ -195,7 +195,7 @@ class TcpProxy:
             _refused(self._counters("destination", source, self.outbound.me, service, "RBAC"))
             return None
         try:
-            app = await _first_connect([(self.boot.app_address, self.boot.app_port)],
+            app = await first_connect([(self.boot.app_address, self.boot.app_port)],
                                        DEFAULT_CONNECT_TIMEOUT)
         except UpstreamConnectError as exc:
             log.info("tcp from %s: local app: %s", info.peer, exc)
@@ -261,7 +261,7 @@ def _source_of(principal: str | None) -> Peer:
     return Peer(workload=service, namespace=namespace, app=service, principal=principal)
 
 
-async def _first_connect(addrs: list[tuple[str, int]], timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
+async def first_connect(addrs: list[tuple[str, int]], timeout: float) -> trio.abc.Stream:  # noqa: ASYNC109
     """The first of ``addrs`` that accepts a TCP connection within ``timeout`` s each."""
     last: Exception | None = None
     for host, port in addrs:

@@ -35,7 +35,7 @@ from sidecar.metrics import Peer
 from sidecar.proxy.common import PEER_HEADER, error_response, observed
 from sidecar.proxy.outbound import Outbound
 from sidecar.proxy.pump import abort, tunnel_stream
-from sidecar.proxy.tcp import TCP_CONNECT_ATTEMPTS, TcpProxy
+from sidecar.proxy.tcp import TCP_CONNECT_ATTEMPTS, TcpProxy, first_connect
 from sidecar.proxy.upgrade import UPGRADE_RESPONSE_TIMEOUT, forward_upgrade
 
 log = logging.getLogger("sidecar.tunnels")
@@ -122,7 +122,7 @@ class Tunnels:
             RequestInfo(head.authority, head.method, head.path, head.headers, boot.service, boot.labels))
         if isinstance(target, EgressTarget):
             addrs = [split_authority(e) for e in target.endpoints] or [(target.host, target.port)]
-            stream = await _open_any(addrs)
+            stream = await first_connect(addrs[:TCP_CONNECT_ATTEMPTS], HANDSHAKE_TIMEOUT)
             return await forward_upgrade(stream, out._out_head(head, remote_ip))
         route = target.policy
         assert route is not None
@@ -157,17 +157,6 @@ class Tunnels:
         if isinstance(last, MeshError):
             raise last
         raise UpstreamConnectError(f"upgrade: connect to {target.cluster}: {last!r}")
-
-
-async def _open_any(addrs: list[tuple[str, int]]) -> trio.abc.Stream:
-    last: Exception | None = None
-    for host, port in addrs[:TCP_CONNECT_ATTEMPTS]:
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                return await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as exc:
-            last = exc
-    raise UpstreamConnectError(f"connect {addrs}: {last!r}")
 
 
 async def inbound_upgrade(app_address: str, app_port: int, head: RequestHead) -> Response:

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from meshd.demo.harness import MeshHarness, Sidecar, wait_until
+from meshd.demo.harness import MeshHarness, Sidecar
 
 IO_TIMEOUT = 20.0  # seconds any single socket operation of a test may block (generous: shared CPU)
 
@@ -23,11 +23,6 @@ class Mesh(MeshHarness):
 
     def _bootstrap(self, sc: Sidecar) -> str:
         return super()._bootstrap(sc) + self.extra.get(sc.name, "")
-
-    def wait_certs(self, *names: str) -> None:
-        for name in names:
-            wait_until(lambda n=name: self.admin_json(n, "/certs")["identity"]["serial"] != "", 15,
-                       f"{name} certificate")
 
     def handshakes(self, name: str) -> int:
         return int(self.admin_json(name, "/certs")["tls"]["handshakes"])

@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from meshd.demo.harness import MeshHarness, wait_until
+from meshd.demo.harness import MeshHarness
 
 pytestmark = pytest.mark.slow
 SERVICE = "helloworld.Greeter"
@@ -97,9 +97,7 @@ def _start(mesh: MeshHarness, **greeters: Greeter) -> grpc.Channel:
         _serve(mesh, f"{service}-1", service, greeter)
     mesh.wait_ready()
     mesh.wait_synced()
-    for name in mesh.sidecars:
-        wait_until(lambda n=name: mesh.admin_json(n, "/certs")["identity"]["serial"] != "", 10,
-                   f"{name} certificate")
+    mesh.wait_certs()
     return _channel(mesh, next(iter(greeters)))
 
 

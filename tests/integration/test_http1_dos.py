@@ -26,7 +26,7 @@ from functools import partial
 import pytest
 import trio
 
-from meshd.demo.harness import MeshHarness, wait_until
+from meshd.demo.harness import MeshHarness
 from meshd.demo.harness import Sidecar as SidecarProcess
 from sidecar import bootstrap
 from sidecar.http.client import UpstreamPool, UpstreamProtocolError
@@ -117,9 +117,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowlorisMesh]:
         h.add_service("echo-1", "echo", "static", {"version": "v1"})
         h.wait_ready()
         h.wait_synced()
-        for name in ("client-1", "echo-1"):
-            wait_until(lambda n=name: h.admin_json(n, "/certs")["identity"]["serial"] != "", 10,
-                       f"{name} certificate")
+        h.wait_certs("client-1", "echo-1")
         yield h
     finally:
         h.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshd.demo.harness import MeshHarness, Sidecar, wait_until
+from meshd.demo.harness import MeshHarness, Sidecar
 
 pytestmark = pytest.mark.slow
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -68,9 +68,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshHarness]:
         h.wait_synced()
         for name in ("web-1", "plain-1"):
             h.wait_app(name)
-        for name in h.sidecars:
-            wait_until(lambda n=name: h.admin_json(n, "/certs")["identity"]["serial"] != "", 10,
-                       f"{name} certificate")
+        h.wait_certs()
         yield h
     finally:
         h.close()

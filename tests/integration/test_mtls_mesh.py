@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshd.demo.harness import MeshHarness, wait_until
+from meshd.demo.harness import MeshHarness
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,7 @@ def _pair(mesh: MeshHarness, mode: str = "STRICT") -> None:
     mesh.add_service("echo-1", "echo", "msgd", {"version": "v1"}, mtls_mode=mode)
     mesh.wait_ready()
     mesh.wait_synced()
-    wait_until(lambda: _certs(mesh, "client-1")["identity"]["serial"] != "", 10, "client cert")
-    wait_until(lambda: _certs(mesh, "echo-1")["identity"]["serial"] != "", 10, "echo cert")
+    mesh.wait_certs("client-1", "echo-1")
 
 
 def _certs(mesh: MeshHarness, name: str) -> dict:

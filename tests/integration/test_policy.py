@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshd.demo.harness import MeshHarness, wait_until
+from meshd.demo.harness import MeshHarness
 
 pytestmark = pytest.mark.slow
 
@@ -80,9 +80,7 @@ def _call(mesh: MeshHarness, caller: str, method: str, path: str) -> httpx.Respo
 
 
 def _certs_ready(mesh: MeshHarness) -> None:
-    for name in mesh.sidecars:
-        wait_until(lambda n=name: mesh.admin_json(n, "/certs")["identity"]["serial"] != "", 10,
-                   f"{name} certificate")
+    mesh.wait_certs()
 
 
 def test_authorization_matrix(mesh: MeshHarness) -> None:

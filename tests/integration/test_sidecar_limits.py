@@ -46,9 +46,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LimitedMesh]:
         h.add_service("echo-1", "echo", "static", {"version": "v1"})
         h.wait_ready()
         h.wait_synced()
-        for name in ("client-1", "echo-1"):
-            wait_until(lambda n=name: h.admin_json(n, "/certs")["identity"]["serial"] != "", 10,
-                       f"{name} certificate")
+        h.wait_certs("client-1", "echo-1")
         yield h
     finally:
         h.close()
